@@ -1,0 +1,124 @@
+"""The only place ranks meet: work split, gathers, the shared noise window, checks, abort.
+
+Everything here takes an `MPI.Comm` argument, so the same code (and its tests) runs at any
+world size, a singleton `python -m es_mpi.run` included.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from . import noise
+
+
+def world() -> MPI.Comm:
+    return MPI.COMM_WORLD
+
+
+def split_range(n: int, size: int, rank: int) -> tuple[int, int]:
+    """Contiguous block [lo, hi) of 0..n-1 for `rank` (sizes differ by at most one)."""
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def allgather_rows(comm: MPI.Comm, rows: np.ndarray) -> np.ndarray:
+    """Concatenate every rank's float64 (k_r, c) rows, in rank order, on every rank."""
+    rows = np.ascontiguousarray(rows, dtype=np.float64)
+    ncol = rows.shape[1]
+    counts = np.array(comm.allgather(rows.shape[0]), dtype=np.int64)
+    out = np.empty((int(counts.sum()), ncol), dtype=np.float64)
+    sizes = (counts * ncol).tolist()
+    displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    comm.Allgatherv(rows, [out, sizes, displs, MPI.DOUBLE])
+    return out
+
+
+def gather_by_key(comm: MPI.Comm, rows: np.ndarray, n_keys: int | None = None) -> np.ndarray:
+    """Allgather rows whose column 0 is an integer key j; return them sorted by j.
+
+    With `n_keys`, check that every key 0..n_keys-1 arrived exactly once: results are keyed
+    by j, not by rank, so any assignment of work to ranks gives the same arrays.
+    """
+    allrows = allgather_rows(comm, rows)
+    allrows = allrows[np.argsort(allrows[:, 0], kind="stable")]
+    if n_keys is not None and not np.array_equal(allrows[:, 0], np.arange(n_keys)):
+        raise RuntimeError(f"gather_by_key: expected keys 0..{n_keys - 1} once each")
+    return allrows
+
+
+def any_rank(comm: MPI.Comm, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank."""
+    return bool(comm.allreduce(bool(flag), op=MPI.LOR))
+
+
+def theta_digest(theta: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(theta).tobytes(), digest_size=8).hexdigest()
+
+
+def check_identical(comm: MPI.Comm, theta: np.ndarray, iteration: int) -> str:
+    """Raise on every rank if theta differs anywhere; return the common digest."""
+    digests = comm.allgather(theta_digest(theta))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"theta diverged across ranks after iteration {iteration}: "
+                           + ", ".join(f"rank {r}: {d}" for r, d in enumerate(digests)))
+    return digests[0]
+
+
+@dataclass
+class SharedTable:
+    """The noise table in one node-shared window; keep this object alive while it is used."""
+
+    table: np.ndarray
+    window: MPI.Win
+    node_comm: MPI.Comm
+
+    def free(self) -> None:
+        self.window.Free()
+        self.node_comm.Free()
+
+
+def shared_noise_table(comm: MPI.Comm, size: int, noise_seed: int) -> SharedTable:
+    """Allocate the table once per node and fill its chunks in parallel across the node's ranks.
+
+    Rank 0 of the node owns the memory (Win.Allocate_shared); the others map it. Chunk k is
+    filled by node rank k % node_size, and its values depend on (noise_seed, k) only.
+    """
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    itemsize = np.dtype(np.float32).itemsize
+    nbytes = size * itemsize if node.Get_rank() == 0 else 0
+    win = MPI.Win.Allocate_shared(nbytes, itemsize, comm=node)
+    buf, _ = win.Shared_query(0)
+    table = np.ndarray(buffer=buf, dtype=np.float32, shape=(size,))
+    win.Lock_all()
+    for k in range(node.Get_rank(), noise.n_chunks(size), node.Get_size()):
+        noise.fill_chunk(table, noise_seed, k)
+    win.Sync()  # publish this rank's writes, wait for everyone's, then see theirs
+    node.Barrier()
+    win.Sync()
+    win.Unlock_all()
+    return SharedTable(table, win, node)
+
+
+def abort_on_exception(comm: MPI.Comm, fn, *args, **kwargs):
+    """Run fn; if it raises on this rank, print the traceback and end the whole job now.
+
+    Without this, a rank that dies leaves the others blocked in their next collective.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except SystemExit:
+        raise
+    except BaseException:
+        sys.stdout.flush()
+        sys.stderr.write(f"[es_mpi] rank {comm.Get_rank()} of {comm.Get_size()} failed:\n")
+        traceback.print_exc()
+        sys.stderr.flush()
+        if comm.Get_size() > 1:
+            comm.Abort(1)
+        raise

@@ -1,0 +1,243 @@
+"""Job configuration: typed sections loaded from YAML, dotted overrides, validation.
+
+A job file has four sections (`env`, `policy`, `es`, `run`). Every key is a field of the
+dataclass for its section; unknown keys, missing required keys and bad values raise
+`ConfigError` naming the key, before any MPI work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+REQUIRED = ("run.seed", "run.iterations", "run.dir", "es.population", "es.sigma")
+
+
+class ConfigError(ValueError):
+    """A job file or override is invalid; the message names the key."""
+
+
+@dataclass
+class EnvConfig:
+    id: str = "InvertedPendulum-v5"  # gymnasium environment id
+    max_episode_steps: Optional[int] = None  # episode limit; None = the env's own limit
+    obs_stat_prob: float = 0.01  # probability an episode's observations feed the obs statistics
+    normalize_obs: bool = True  # normalise observations with running mean/std (clipped to ±5)
+    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for gymnasium.make
+
+
+@dataclass
+class PolicyConfig:
+    kind: Literal["mlp"] = "mlp"  # policy architecture
+    hidden: list = field(default_factory=lambda: [256, 256])  # MLP hidden layer widths
+    activation: Literal["tanh", "relu"] = "tanh"  # MLP hidden activation
+
+
+@dataclass
+class ESConfig:
+    population: int = 0  # mirrored pairs per iteration (2x episodes)
+    sigma: float = 0.0  # perturbation standard deviation
+    lr: float = 0.05  # optimiser step size
+    optimizer: Literal["sgd", "adam"] = "sgd"  # sgd = SGD with momentum
+    momentum: float = 0.9  # SGD momentum
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.999  # Adam second-moment decay
+    adam_eps: float = 1e-8  # Adam denominator epsilon
+    fitness_shaping: Literal["centered_ranks", "pair_ranks"] = "centered_ranks"  # return -> weight
+    divide_by_sigma: bool = True  # gradient is sum(w eps)/(N sigma); False drops 1/sigma (OpenAI)
+    weight_decay: float = 0.005  # decay coefficient lambda
+    weight_decay_mode: Literal["decoupled", "l2", "none"] = "decoupled"  # theta*(1-lambda) or L2 in g
+    episode_cap_factor: float = 2.0  # cap = min(limit, factor x previous mean length); 0 disables
+    noise_table_size: int = 250_000_000  # float32 N(0,1) values in the shared noise table
+    noise_seed: int = 123  # seed of the noise table (independent of run.seed)
+    eval_episodes: int = 1  # unperturbed episodes of theta per iteration (eval_return)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # run seed: initial theta, noise offsets, environment seeds
+    iterations: int = 0  # ES iterations to run in total
+    dir: str = ""  # run directory (config.yaml, results.h5, checkpoints/)
+    checkpoint_every: int = 10  # write a checkpoint every this many iterations (and at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    verify_every: int = 1  # compare a hash of theta across ranks every this many iterations
+    torch_threads: int = 1  # torch intra-op threads per rank
+
+
+@dataclass
+class JobConfig:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    es: ESConfig = field(default_factory=ESConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig)}
+_SECTION_CLASSES = {"env": EnvConfig, "policy": PolicyConfig, "es": ESConfig, "run": RunConfig}
+
+# Range checks beyond the type: key -> (predicate, what is allowed)
+_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "es.population": (lambda v: v > 0, "a positive integer"),
+    "es.sigma": (lambda v: v > 0, "a positive number"),
+    "es.lr": (lambda v: v > 0, "a positive number"),
+    "es.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "es.adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "es.adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "es.adam_eps": (lambda v: v > 0, "a positive number"),
+    "es.weight_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "es.episode_cap_factor": (lambda v: v >= 0, "a number >= 0"),
+    "es.noise_table_size": (lambda v: v > 0, "a positive integer"),
+    "es.eval_episodes": (lambda v: v >= 0, "an integer >= 0"),
+    "env.obs_stat_prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "env.max_episode_steps": (lambda v: v is None or v > 0, "a positive integer or null"),
+    "policy.hidden": (lambda v: len(v) > 0 and all(isinstance(h, int) and h > 0 for h in v),
+                      "a non-empty list of positive integers"),
+    "run.seed": (lambda v: v >= 0, "an integer >= 0"),
+    "run.iterations": (lambda v: v > 0, "a positive integer"),
+    "run.dir": (lambda v: v.strip() != "", "a non-empty path"),
+    "run.checkpoint_every": (lambda v: v > 0, "a positive integer"),
+    "run.keep_checkpoints": (lambda v: v > 0, "a positive integer"),
+    "run.verify_every": (lambda v: v >= 0, "an integer >= 0 (0 = never)"),
+    "run.torch_threads": (lambda v: v > 0, "a positive integer"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            list: "a list", dict: "a mapping", type(None): "null"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp in (str, list, dict):
+        if isinstance(value, tp):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _section_from_dict(name: str, data: Any, present: set[str]) -> Any:
+    cls = _SECTION_CLASSES[name]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{name}.{key}"
+        if key not in known:
+            raise ConfigError(f"unknown key {dotted!r}; allowed keys in '{name}': "
+                              + ", ".join(sorted(known)))
+        value = _coerce(dotted, value, hints[key])
+        if dotted in _RULES:
+            ok, allowed = _RULES[dotted]
+            if not ok(value):
+                raise ConfigError(f"{dotted}: must be {allowed}, got {value!r}")
+        kwargs[key] = value
+        present.add(dotted)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'es.sigma=0.1' -> ('es.sigma', 0.1); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key.count(".") < 1:
+        raise ConfigError(f"override {text!r}: key must be section.key, e.g. es.sigma=0.02")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    return key, value
+
+
+def apply_override(data: dict, key: str, value: Any) -> None:
+    """Set data[section][key...] = value for a dotted key (mapping fields may nest)."""
+    parts = key.split(".")
+    if parts[0] not in _SECTION_CLASSES:
+        raise ConfigError(f"unknown section {parts[0]!r} in {key!r}; sections: "
+                          + ", ".join(_SECTION_CLASSES))
+    node = data.setdefault(parts[0], {})
+    for part in parts[1:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part!r} is not a mapping")
+    node[parts[-1]] = value
+
+
+def from_dict(data: Any, source: str = "job") -> JobConfig:
+    """Build and validate a JobConfig from a plain nested dict."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping with sections "
+                          + ", ".join(_SECTION_CLASSES))
+    for name in data:
+        if name not in _SECTION_CLASSES:
+            raise ConfigError(f"unknown section {name!r}; sections: " + ", ".join(_SECTION_CLASSES))
+    present: set[str] = set()
+    sections = {name: _section_from_dict(name, data.get(name) or {}, present)
+                for name in _SECTION_CLASSES}
+    missing = [k for k in REQUIRED if k not in present]
+    if missing:
+        raise ConfigError(f"{source}: required key(s) missing: " + ", ".join(missing))
+    return JobConfig(**sections)
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Load a job YAML, apply dotted `section.key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"job file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"job file {str(path)!r}: top level must be a mapping")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    return from_dict(data, source=str(path))
+
+
+def loads(text: str) -> JobConfig:
+    """Parse a resolved config text (as written to config.yaml / checkpoints)."""
+    return from_dict(yaml.safe_load(text), source="config text")

@@ -1,0 +1,25 @@
+"""Environment makers. Gymnasium ids (MuJoCo and classic control) are made here."""
+from __future__ import annotations
+
+import gymnasium as gym
+
+
+def make_env(cfg, render_mode: str | None = None) -> gym.Env:
+    """Build the environment of an `EnvConfig` (no passive checker: it costs time per step)."""
+    kwargs = dict(cfg.kwargs)
+    if cfg.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = cfg.max_episode_steps
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    try:
+        return gym.make(cfg.id, disable_env_checker=True, **kwargs)
+    except gym.error.Error as exc:
+        raise ValueError(f"env.id: cannot make environment {cfg.id!r}: {exc}") from None
+
+
+def episode_limit(env: gym.Env) -> int:
+    """The env's own step limit (TimeLimit), or a large default when it has none."""
+    spec = env.spec
+    if spec is not None and spec.max_episode_steps:
+        return int(spec.max_episode_steps)
+    return 100_000

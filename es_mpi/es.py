@@ -1,0 +1,165 @@
+"""The ES update as small pure functions on numpy arrays (no MPI, no torch).
+
+Conventions: N mirrored pairs; returns_pos[j], returns_neg[j] are the returns of theta + sigma*eps_j
+and theta - sigma*eps_j. All steps *ascend* the fitness.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- fitness shaping
+def ranks(x: np.ndarray) -> np.ndarray:
+    """0-based ranks of a 1-D array; ties broken by position (stable), so the result is exact."""
+    order = np.argsort(x, kind="stable")
+    out = np.empty(x.size, dtype=np.int64)
+    out[order] = np.arange(x.size)
+    return out
+
+
+def centered_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks of all entries of x (any shape) mapped linearly onto [-0.5, 0.5] (OpenAI-ES)."""
+    flat = np.asarray(x, dtype=np.float64).ravel()
+    if flat.size < 2:
+        return np.zeros(np.shape(x))
+    y = ranks(flat).astype(np.float64) / (flat.size - 1) - 0.5
+    return y.reshape(np.shape(x))
+
+
+def fitness_weights(returns_pos: np.ndarray, returns_neg: np.ndarray, shaping: str) -> np.ndarray:
+    """Weight w_j of eps_j in the gradient, shape (N,).
+
+    centered_ranks: rank all 2N returns together onto [-0.5, 0.5]; w_j = r+_j - r-_j.
+    pair_ranks:     rank the N differences F+_j - F-_j onto [-1, 1] (Lorenc & Neruda).
+    """
+    pos = np.asarray(returns_pos, dtype=np.float64)
+    neg = np.asarray(returns_neg, dtype=np.float64)
+    if shaping == "centered_ranks":
+        r = centered_ranks(np.stack([pos, neg], axis=1))
+        return r[:, 0] - r[:, 1]
+    if shaping == "pair_ranks":
+        return 2.0 * centered_ranks(pos - neg)
+    raise ValueError(f"unknown fitness shaping {shaping!r}")
+
+
+# ----------------------------------------------------------------------------- gradient
+def weighted_noise_sum(table: np.ndarray, offsets: np.ndarray, weights: np.ndarray,
+                       lo: int, hi: int) -> np.ndarray:
+    """sum_j w_j * eps_j[lo:hi] in float64, summed in order of j.
+
+    Each coordinate is accumulated independently in the fixed order j = 0..N-1, so the bits of
+    g[lo:hi] do not depend on the range bounds, on how many ranks there are, or on who
+    evaluated which j. A node can split [0, dim) into ranges and compute them in parallel.
+    """
+    acc = np.zeros(hi - lo, dtype=np.float64)
+    tmp = np.empty(hi - lo, dtype=np.float64)
+    for off, w in zip(offsets.tolist(), weights.tolist()):
+        if w == 0.0:
+            continue
+        np.multiply(table[off + lo: off + hi], w, out=tmp)
+        acc += tmp
+    return acc
+
+
+def gradient_estimate(noise_sum: np.ndarray, n_pairs: int, sigma: float,
+                      divide_by_sigma: bool = True) -> np.ndarray:
+    """g = sum_j w_j eps_j / (N sigma), or / N when divide_by_sigma is False (OpenAI starter)."""
+    return noise_sum / (n_pairs * (sigma if divide_by_sigma else 1.0))
+
+
+# ----------------------------------------------------------------------------- optimisers
+@dataclass
+class OptimizerState:
+    """Everything an optimiser carries between steps (float64, same on every rank)."""
+
+    step: int = 0
+    m: np.ndarray = field(default_factory=lambda: np.zeros(0))  # momentum / first moment
+    v: np.ndarray = field(default_factory=lambda: np.zeros(0))  # Adam second moment (unused by SGD)
+
+    @classmethod
+    def zeros(cls, dim: int) -> "OptimizerState":
+        return cls(0, np.zeros(dim), np.zeros(dim))
+
+
+def sgd_momentum_step(grad: np.ndarray, state: OptimizerState, lr: float,
+                      momentum: float) -> tuple[np.ndarray, OptimizerState]:
+    """OpenAI-ES SGD: v <- m v + (1 - m) g; step = lr v. Returns (step, new state)."""
+    m = momentum * state.m + (1.0 - momentum) * grad
+    return lr * m, OptimizerState(state.step + 1, m, state.v)
+
+
+def adam_step(grad: np.ndarray, state: OptimizerState, lr: float, beta1: float = 0.9,
+              beta2: float = 0.999, eps: float = 1e-8) -> tuple[np.ndarray, OptimizerState]:
+    """Adam with bias correction folded into the step size (as in OpenAI-ES)."""
+    t = state.step + 1
+    m = beta1 * state.m + (1.0 - beta1) * grad
+    v = beta2 * state.v + (1.0 - beta2) * grad * grad
+    a = lr * np.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    return a * m / (np.sqrt(v) + eps), OptimizerState(t, m, v)
+
+
+# ----------------------------------------------------------------------------- weight decay
+def l2_gradient(grad: np.ndarray, theta: np.ndarray, coeff: float) -> np.ndarray:
+    """OpenAI's L2 form: the ascent direction gains -coeff * theta before the optimiser."""
+    return grad - coeff * theta
+
+
+def decoupled_decay(theta: np.ndarray, coeff: float) -> np.ndarray:
+    """theta <- theta * (1 - coeff), applied after the optimiser step (Lorenc: factor 0.995)."""
+    return theta * (1.0 - coeff)
+
+
+def es_update(theta: np.ndarray, grad: np.ndarray, state: OptimizerState, cfg) -> tuple[
+        np.ndarray, OptimizerState]:
+    """One full update of float32 theta from an ascent gradient, per an `ESConfig`."""
+    theta64 = theta.astype(np.float64)
+    if cfg.weight_decay_mode == "l2":
+        grad = l2_gradient(grad, theta64, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        step, state = sgd_momentum_step(grad, state, cfg.lr, cfg.momentum)
+    elif cfg.optimizer == "adam":
+        step, state = adam_step(grad, state, cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    theta64 = theta64 + step
+    if cfg.weight_decay_mode == "decoupled":
+        theta64 = decoupled_decay(theta64, cfg.weight_decay)
+    return theta64.astype(np.float32), state
+
+
+# ----------------------------------------------------------------------------- episode cap
+def adaptive_episode_cap(env_limit: int, prev_lengths: np.ndarray | None, factor: float) -> int:
+    """min(env limit, factor x mean episode length of the previous iteration)."""
+    if factor <= 0 or prev_lengths is None or len(prev_lengths) == 0:
+        return env_limit
+    return int(min(env_limit, max(1, int(factor * float(np.mean(prev_lengths))))))
+
+
+# ----------------------------------------------------------------------------- obs statistics
+@dataclass
+class ObsStats:
+    """Running sums of observations (float64) for normalisation: mean and std with a floor."""
+
+    sum: np.ndarray
+    sumsq: np.ndarray
+    count: float
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], eps: float = 1e-2) -> "ObsStats":
+        # OpenAI-ES starts with a pseudo-count eps at mean 0, variance 1 to avoid division by 0.
+        return cls(np.zeros(shape), np.full(shape, eps), eps)
+
+    def add(self, s: np.ndarray, ss: np.ndarray, n: float) -> None:
+        self.sum += s
+        self.sumsq += ss
+        self.count += n
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.count
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(np.maximum(self.sumsq / self.count - self.mean**2, 1e-4))

@@ -1,0 +1,22 @@
+"""Policy registry: `make_policy` builds the module named by `policy.kind`."""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from .base import FlatPolicy, flatten_parameters
+
+
+def make_policy(cfg, observation_space: gym.Space, action_space: gym.Space,
+                seed: int) -> FlatPolicy:
+    """Build the policy of a `PolicyConfig`; its initial theta is a function of `seed` only."""
+    torch.manual_seed(seed)
+    if cfg.kind == "mlp":
+        from .mlp import MLPPolicy
+        obs_dim = int(np.prod(observation_space.shape))
+        return MLPPolicy(obs_dim, action_space, hidden=cfg.hidden, activation=cfg.activation)
+    raise ValueError(f"policy.kind: unknown policy {cfg.kind!r}")
+
+
+__all__ = ["FlatPolicy", "flatten_parameters", "make_policy"]

@@ -1,0 +1,226 @@
+"""`python -m es_mpi.run JOB.yaml [section.key=value ...]`: the SPMD training loop.
+
+Every rank runs this same loop (no master): evaluate its share of the mirrored pairs, gather
+the scalars keyed by pair index j, rebuild every eps_j from the shared noise table and apply
+the same update, so theta stays bitwise identical everywhere without being sent.
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one thread per rank; must precede numpy/torch imports
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .config import ConfigError, JobConfig, load_job  # noqa: E402
+
+EXIT_CONFIG_ERROR = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m es_mpi.run", description=__doc__.splitlines()[0])
+    p.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. es.sigma=0.05")
+    return p.parse_args(argv)
+
+
+def load_config_everywhere(comm, args) -> JobConfig | None:
+    """Load and validate the job on every rank; all ranks agree on success before any work."""
+    cfg, error = None, None
+    try:
+        cfg = load_job(args.job, args.overrides)
+    except ConfigError as exc:
+        error = str(exc)
+    first_failed = comm.allreduce(comm.Get_rank() if error else comm.Get_size(), op=_min_op())
+    if first_failed < comm.Get_size():
+        if comm.Get_rank() == first_failed:
+            print(f"es_mpi: configuration error: {error}", file=sys.stderr, flush=True)
+        return None
+    return cfg
+
+
+def _min_op():
+    from mpi4py import MPI
+    return MPI.MIN
+
+
+@dataclass
+class Runtime:
+    """What one rank builds once: environment, policy, shared noise table."""
+
+    env: object
+    policy: object
+    noise: object  # comm.SharedTable
+    episode_limit: int
+    obs_shape: tuple
+
+
+def build_runtime(cfg: JobConfig, comm) -> Runtime:
+    import torch
+
+    from . import comm as mpi
+    from .envs import episode_limit, make_env
+    from .policies import make_policy
+
+    torch.set_num_threads(cfg.run.torch_threads)
+    env = make_env(cfg.env)
+    policy = make_policy(cfg.policy, env.observation_space, env.action_space, cfg.run.seed)
+    shared = mpi.shared_noise_table(comm, cfg.es.noise_table_size, cfg.es.noise_seed)
+    if policy.num_params > cfg.es.noise_table_size:
+        raise ConfigError(f"es.noise_table_size={cfg.es.noise_table_size} is smaller than the "
+                          f"policy's {policy.num_params} parameters")
+    return Runtime(env, policy, shared, episode_limit(env), env.observation_space.shape)
+
+
+def initial_state(rt: Runtime):
+    from .checkpoint import TrainState
+    from .es import ObsStats, OptimizerState
+
+    theta = rt.policy.get_theta()
+    return TrainState(0, theta, OptimizerState.zeros(theta.size), ObsStats.empty(rt.obs_shape),
+                      prev_lengths=np.zeros(0, dtype=np.int64))
+
+
+def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dict]:
+    """One ES iteration on this rank; returns the new state (same on all ranks) and a row."""
+    from . import comm as mpi
+    from . import es
+    from .noise import iteration_draws
+    from .rollout import Normalizer, run_episode
+
+    t0 = time.perf_counter()
+    rank, size, dim, n = comm.Get_rank(), comm.Get_size(), state.theta.size, cfg.es.population
+    table = rt.noise.table
+    draws = iteration_draws(cfg.run.seed, state.iteration, n, table.size, dim,
+                            cfg.env.obs_stat_prob if cfg.env.normalize_obs else 0.0,
+                            cfg.es.eval_episodes)
+    cap = es.adaptive_episode_cap(rt.episode_limit, state.prev_lengths, cfg.es.episode_cap_factor)
+    norm = (Normalizer(state.obs_stats.mean, state.obs_stats.std) if cfg.env.normalize_obs
+            else Normalizer())
+    obs_width = int(np.prod(rt.obs_shape))
+
+    # --- rollouts: this rank's pairs j in [lo, hi), both signs on the same env seed
+    lo, hi = mpi.split_range(n, size, rank)
+    pair_rows, obs_rows = [], []
+    for j in range(lo, hi):
+        eps = table[draws.offsets[j]: draws.offsets[j] + dim]
+        out = []
+        for sign in (1.0, -1.0):
+            rt.policy.set_perturbed(state.theta, eps, sign * cfg.es.sigma)
+            record = bool(draws.record_obs[j]) and sign > 0
+            out.append(run_episode(rt.env, rt.policy, draws.env_seeds[j], cap, norm, record))
+        pair_rows.append([j, out[0].ret, out[1].ret, out[0].length, out[1].length])
+        if out[0].obs_count:
+            obs_rows.append(np.concatenate([[j, out[0].obs_count], out[0].obs_sum.ravel(),
+                                            out[0].obs_sumsq.ravel()]))
+    eval_rows = []
+    rt.policy.set_theta(state.theta)
+    for e in range(rank, cfg.es.eval_episodes, size):
+        res = run_episode(rt.env, rt.policy, draws.eval_seeds[e], rt.episode_limit, norm)
+        eval_rows.append([e, res.ret, res.length])
+    t1 = time.perf_counter()
+
+    # --- exchange scalars (and the few recorded obs sums), keyed by j
+    pairs = mpi.gather_by_key(comm, np.array(pair_rows).reshape(-1, 5), n)
+    evals = mpi.gather_by_key(comm, np.array(eval_rows).reshape(-1, 3), cfg.es.eval_episodes)
+    obs = mpi.gather_by_key(comm, np.array(obs_rows).reshape(-1, 2 + 2 * obs_width))
+    t2 = time.perf_counter()
+
+    # --- the same update on every rank, summed in order of j
+    ret_pos, ret_neg = pairs[:, 1], pairs[:, 2]
+    weights = es.fitness_weights(ret_pos, ret_neg, cfg.es.fitness_shaping)
+    noise_sum = es.weighted_noise_sum(table, draws.offsets, weights, 0, dim)
+    grad = es.gradient_estimate(noise_sum, n, cfg.es.sigma, cfg.es.divide_by_sigma)
+    theta, opt = es.es_update(state.theta, grad, state.opt, cfg.es)
+    stats = state.obs_stats
+    for row in obs:  # fixed order (by j), so the float64 sums are the same everywhere
+        stats.add(row[2:2 + obs_width].reshape(rt.obs_shape),
+                  row[2 + obs_width:].reshape(rt.obs_shape), row[1])
+    t3 = time.perf_counter()
+
+    lengths = pairs[:, 3:5].astype(np.int64).ravel()
+    returns = pairs[:, 1:3].ravel()
+    iteration_seconds = t3 - t0
+    new_state = type(state)(
+        iteration=state.iteration + 1, theta=theta, opt=opt, obs_stats=stats,
+        prev_lengths=lengths, timesteps=state.timesteps + int(lengths.sum()),
+        episodes=state.episodes + 2 * n, wall_seconds=state.wall_seconds + iteration_seconds)
+    row = dict(
+        iteration=state.iteration, timesteps=new_state.timesteps, episodes=new_state.episodes,
+        wall_seconds=new_state.wall_seconds, iteration_seconds=iteration_seconds,
+        time_rollout=t1 - t0, time_comm=t2 - t1, time_update=t3 - t2,
+        fitness_mean=returns.mean(), fitness_max=returns.max(), fitness_min=returns.min(),
+        fitness_std=returns.std(),
+        eval_return=evals[:, 1].mean() if len(evals) else np.nan,
+        eval_length=evals[:, 2].mean() if len(evals) else np.nan,
+        episode_length_mean=lengths.mean(), episode_cap=cap,
+        grad_norm=float(np.linalg.norm(grad)),
+        update_norm=float(np.linalg.norm(theta.astype(np.float64) - state.theta)),
+        theta_norm=float(np.linalg.norm(theta.astype(np.float64))), obs_count=stats.count)
+    return new_state, row
+
+
+def format_row(row: dict) -> str:
+    return (f"iter {row['iteration']:5d} | steps {row['timesteps']:>11,d} | "
+            f"episodes {row['episodes']:>9,d} | fitness mean {row['fitness_mean']:9.2f} "
+            f"max {row['fitness_max']:9.2f} | eval {row['eval_return']:9.2f} | "
+            f"cap {row['episode_cap']:5d} | {row['iteration_seconds']:6.2f}s")
+
+
+def train(cfg: JobConfig, comm) -> int:
+    from . import comm as mpi
+    from .checkpoint import checkpoint_path, save_checkpoint
+    from .results import ResultsWriter
+
+    is_root = comm.Get_rank() == 0
+    run_dir = Path(cfg.run.dir)
+    rt = build_runtime(cfg, comm)
+    state = initial_state(rt)
+    mpi.check_identical(comm, state.theta, -1)
+    config_text = cfg.to_yaml()
+    writer = None
+    if is_root:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_text)
+        writer = ResultsWriter(run_dir / "results.h5")
+        writer.truncate(0)
+        print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
+              f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
+              f"run dir {run_dir}", flush=True)
+    while state.iteration < cfg.run.iterations:
+        state, row = run_iteration(cfg, comm, rt, state)
+        if cfg.run.verify_every and state.iteration % cfg.run.verify_every == 0:
+            mpi.check_identical(comm, state.theta, state.iteration - 1)
+        if is_root:
+            writer.append(row)
+            print(format_row(row), flush=True)
+            if (state.iteration % cfg.run.checkpoint_every == 0
+                    or state.iteration == cfg.run.iterations):
+                save_checkpoint(checkpoint_path(run_dir, state.iteration), state, config_text)
+    mpi.check_identical(comm, state.theta, state.iteration - 1)
+    if is_root:
+        writer.close()
+    comm.Barrier()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from . import comm as mpi
+
+    comm = mpi.world()
+    cfg = load_config_everywhere(comm, args)
+    if cfg is None:
+        return EXIT_CONFIG_ERROR
+    return mpi.abort_on_exception(comm, train, cfg, comm)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
