@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -23,6 +23,9 @@ class TrainState:
     timesteps: int = 0
     episodes: int = 0
     wall_seconds: float = 0.0
+    # Arrays that other parts need restored bitwise (e.g. a VBN reference batch), saved under
+    # the checkpoint group `extras/` by name.
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
@@ -50,6 +53,9 @@ def save_checkpoint(path: str | Path, state: TrainState, config_text: str) -> Pa
         obs.create_dataset("sumsq", data=state.obs_stats.sumsq)
         obs.attrs["count"] = state.obs_stats.count
         f.create_dataset("prev_lengths", data=state.prev_lengths.astype(np.int64))
+        extras = f.create_group("extras")
+        for name, value in state.extras.items():
+            extras.create_dataset(name, data=value)
         f.flush()
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -70,5 +76,6 @@ def load_checkpoint(path: str | Path) -> tuple[TrainState, str]:
             timesteps=int(f.attrs["timesteps"]),
             episodes=int(f.attrs["episodes"]),
             wall_seconds=float(f.attrs["wall_seconds"]),
+            extras={name: ds[()] for name, ds in f["extras"].items()},
         )
         return state, str(f.attrs["config"])

@@ -151,7 +151,8 @@ def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dic
     new_state = type(state)(
         iteration=state.iteration + 1, theta=theta, opt=opt, obs_stats=stats,
         prev_lengths=lengths, timesteps=state.timesteps + int(lengths.sum()),
-        episodes=state.episodes + 2 * n, wall_seconds=state.wall_seconds + iteration_seconds)
+        episodes=state.episodes + 2 * n, wall_seconds=state.wall_seconds + iteration_seconds,
+        extras=state.extras)
     row = dict(
         iteration=state.iteration, timesteps=new_state.timesteps, episodes=new_state.episodes,
         wall_seconds=new_state.wall_seconds, iteration_seconds=iteration_seconds,
