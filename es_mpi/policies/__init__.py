@@ -16,6 +16,12 @@ def make_policy(cfg, observation_space: gym.Space, action_space: gym.Space,
         from .mlp import MLPPolicy
         obs_dim = int(np.prod(observation_space.shape))
         return MLPPolicy(obs_dim, action_space, hidden=cfg.hidden, activation=cfg.activation)
+    if cfg.kind == "dt":
+        if len(observation_space.shape) == 3:  # image frames (C, H, W): the Atari DT
+            from .dt_atari import make_atari_dt
+            return make_atari_dt(cfg, observation_space, action_space)
+        from .dt import make_dt
+        return make_dt(cfg, observation_space, action_space)
     raise ValueError(f"policy.kind: unknown policy {cfg.kind!r}")
 
 

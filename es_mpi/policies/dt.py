@@ -1,0 +1,427 @@
+"""Decision Transformer policy (Chen et al. 2021) for vector observations, trained by ES.
+
+An episode is the token stream  R̂_0, s_0, a_0, R̂_1, s_1, a_1, ...  (return-to-go, state,
+action). Each token is a linear embedding of its content plus a learned embedding of its
+timestep, then LayerNorm; GPT-style causal blocks read the last K timesteps and the action of
+step t is predicted from the hidden state of the token s_t, then tanh-squashed into the action
+bounds (argmax for discrete actions). R̂_0 = target_return * rtg_scale and every reward r lowers
+it by r * rtg_scale.
+
+Per-step inference (`policy.inference`) never rebuilds the sequence: tokens are embedded once,
+when they arrive, into preallocated rolling buffers (returns, states, actions, timesteps and
+the embedded tokens), and the window is a contiguous view of them.
+  window    exact Chen et al. semantics: the action equals a full forward pass over the last
+            K timesteps. Only what that pass needs is computed: layer-0 keys/queries/values are
+            cached per token (a token's embedding does not depend on where the window starts,
+            there are no positional embeddings), and the last block runs its query, attention
+            and MLP for the s_t token alone. Blocks 1..L-2 must still run over the whole window,
+            because when the window slides every token's attention context changes.
+  kv_cache  streaming attention: every token attends to the tokens of its own and the K-1
+            preceding timesteps, so its keys/values at every layer are computed once and cached
+            (3 new tokens per step). Equal to a full forward pass with that banded mask
+            (`DecisionTransformer.forward(..., band=K)`), and to the window semantics for the
+            first K steps of an episode and at layer 0 always; after step K the deeper layers
+            differ, so it is a (fast) model of its own, not an approximation of `window`.
+  full      the naive reference: re-embed and re-run the whole window through the modules.
+
+Parameter count (Humanoid-v4: 376-dim obs, 17-dim action; K=20, C=128, 3 layers, 1 head):
+    embed_timestep 1000x128 = 128,000   embed_return 256     embed_state 48,256
+    embed_action 2,304                  embed_ln 256         3 blocks x 198,272 = 594,816
+    ln_f 256   predict_state 48,504   predict_action 2,193   predict_return 129
+    total 824,970.
+Lorenc & Neruda report ~825K for Chen's model: theirs (825,098) also holds GPT-2's unused
+1-row token embedding (128); GPT-2's position table is removed in Chen's code and here.
+predict_state / predict_return do not act; they are kept for the paper's parameter count and
+for behaviour-cloning pretraining with auxiliary losses.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import ActionHead, FlatPolicy
+
+
+@dataclass
+class GPTConfig:
+    n_embd: int = 128  # C
+    n_layer: int = 3
+    n_head: int = 1
+    inner_mult: int = 4  # MLP width = inner_mult * C
+    activation: str = "relu"  # Chen et al. use relu for gym, GELU for Atari
+
+
+# ----------------------------------------------------------------------------- GPT blocks
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v for all heads
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.inner_mult * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.inner_mult * cfg.n_embd, cfg.n_embd)
+        self.act = {"relu": F.relu, "gelu": F.gelu}[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Token embeddings (B, T, C) -> hidden states (B, T, C); no token/position tables."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        # GPT-2 initialisation; residual projections scaled by 1/sqrt(2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("weight") and p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias") and "ln" not in name:
+                nn.init.zeros_(p)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for block in self.h:
+            x = block(x, mask)
+        return self.ln_f(x)
+
+
+def trajectory_mask(n_tokens: int, band: int | None = None) -> torch.Tensor:
+    """(n, n) bool, True = may attend. Causal; with `band`, token i (timestep i//3) sees only
+    tokens of timesteps > i//3 - band (its own and the band-1 before)."""
+    i = torch.arange(n_tokens)
+    mask = i[None, :] <= i[:, None]
+    if band is not None:
+        mask &= (i[:, None] // 3 - i[None, :] // 3) < band
+    return mask
+
+
+# ----------------------------------------------------------------------------- the model
+
+class DecisionTransformer(nn.Module):
+    """(returns (B,T), states (B,T,obs), actions (B,T,act) or (B,T) long, timesteps (B,T))
+    -> raw action outputs (B,T,act) read at the state tokens."""
+
+    position_free = True  # token embeddings do not depend on the window start
+
+    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, cfg: GPTConfig,
+                 max_ep_len: int):
+        super().__init__()
+        C = cfg.n_embd
+        self.max_ep_len = max_ep_len
+        self.embed_timestep = nn.Embedding(max_ep_len, C)
+        self.embed_return = nn.Linear(1, C)
+        self.embed_state = nn.Linear(obs_dim, C)
+        self.embed_action = nn.Embedding(act_dim, C) if discrete else nn.Linear(act_dim, C)
+        self.embed_ln = nn.LayerNorm(C)
+        self.transformer = GPT(cfg)
+        self.predict_state = nn.Linear(C, obs_dim)  # not used to act (see module docstring)
+        self.predict_action = nn.Linear(C, act_dim)
+        self.predict_return = nn.Linear(C, 1)  # not used to act
+
+    def embed(self, returns, states, actions, timesteps) -> torch.Tensor:
+        """-> (B, 3T, C) tokens R̂_0, s_0, a_0, R̂_1, ..."""
+        B, T = returns.shape
+        time = self.embed_timestep(timesteps.clamp(max=self.max_ep_len - 1))
+        r = self.embed_return(returns.unsqueeze(-1)) + time
+        s = self.embed_state(states.reshape(B, T, -1)) + time
+        a = self.embed_action(actions) + time
+        return self.embed_ln(torch.stack((r, s, a), dim=2).reshape(B, 3 * T, -1))
+
+    def forward(self, returns, states, actions, timesteps, band: int | None = None):
+        x = self.embed(returns, states, actions, timesteps)
+        h = self.transformer(x, trajectory_mask(x.shape[1], band))
+        return self.predict_action(h[:, 1::3])
+
+    # --- one token at a time (the policy's rolling path); t is the episode timestep
+    def _time(self, t: int) -> torch.Tensor:
+        return self.embed_timestep.weight[min(t, self.max_ep_len - 1)]
+
+    def return_token(self, rtg: float, t: int) -> torch.Tensor:
+        w, b = self.embed_return.weight, self.embed_return.bias
+        return _ln(w[:, 0] * rtg + b + self._time(t), self.embed_ln)
+
+    def state_token(self, obs: torch.Tensor, t: int) -> torch.Tensor:
+        return _ln(F.linear(obs.reshape(-1), self.embed_state.weight, self.embed_state.bias)
+                   + self._time(t), self.embed_ln)
+
+    def action_token(self, action: torch.Tensor, t: int) -> torch.Tensor:
+        if isinstance(self.embed_action, nn.Embedding):
+            e = self.embed_action.weight[int(action)]
+        else:
+            e = F.linear(action, self.embed_action.weight, self.embed_action.bias)
+        return _ln(e + self._time(t), self.embed_ln)
+
+    def window_input(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        return tokens  # position-free: the cached tokens are the transformer input
+
+    def action_output(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.predict_action.weight, self.predict_action.bias)
+
+
+def _ln(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def _linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    return F.linear(x, lin.weight, lin.bias)
+
+
+def _attend(q, k, v, n_head: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (nq, C), k/v (nk, C) -> (nq, C), heads split along C; `mask` (nq, nk) is additive
+    (0 or -inf). Plain matmul/softmax: for a few tokens this beats F.scaled_dot_product_attention
+    on CPU by several microseconds per call."""
+    nq, C = q.shape
+    hd = C // n_head
+    q = q * (1.0 / math.sqrt(hd))
+    if n_head == 1:
+        att = torch.mm(q, k.t())
+        if mask is not None:
+            att += mask
+        return torch.mm(torch.softmax(att, dim=-1), v)
+    q, k, v = (z.view(z.shape[0], n_head, hd).transpose(0, 1) for z in (q, k, v))
+    att = torch.bmm(q, k.transpose(1, 2))  # (H, nq, nk)
+    if mask is not None:
+        att += mask
+    return torch.bmm(torch.softmax(att, dim=-1), v).transpose(0, 1).reshape(nq, C)
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- rolling buffers
+
+class Ring:
+    """Timesteps [start, start+len) of an episode in arrays of 2*keep rows, so the live window
+    is always a contiguous view; when the end is reached the live rows move to the front
+    (once every `keep` steps: amortised O(1) per step)."""
+
+    def __init__(self, keep: int):
+        self.keep, self.cap = keep, 2 * keep
+        self.arrays: list[tuple[torch.Tensor, int]] = []
+        self.start = self.len = 0
+
+    def add(self, arr: torch.Tensor, rows_per_step: int) -> torch.Tensor:
+        self.arrays.append((arr, rows_per_step))
+        return arr
+
+    def reset(self) -> None:
+        self.start = self.len = 0
+
+    def push(self) -> int:
+        """Append a timestep; returns its row."""
+        if self.start + self.len == self.cap:  # start >= keep >= len: source and target disjoint
+            for arr, m in self.arrays:
+                arr[: self.len * m].copy_(arr[self.start * m: (self.start + self.len) * m])
+            self.start = 0
+        self.len += 1
+        return self.start + self.len - 1
+
+    def drop(self) -> None:
+        self.start += 1
+        self.len -= 1
+
+
+# ----------------------------------------------------------------------------- the policy
+
+class DTPolicy(FlatPolicy):
+    """FlatPolicy around a Decision Transformer; see the module docstring for inference modes."""
+
+    def __init__(self, model: nn.Module, action_space: gym.Space, obs_shape: tuple,
+                 context: int, rtg_scale: float, target_return: float, inference: str):
+        super().__init__()
+        if inference == "kv_cache" and not model.position_free:
+            raise ValueError("policy.inference: kv_cache needs a model without positional "
+                             "embeddings; use 'window'")
+        self.model = model
+        self.head = ActionHead(action_space)
+        self.context, self.rtg_scale, self.target_return = context, rtg_scale, target_return
+        self.inference = inference
+        self.finalize()
+        self._build_buffers(obs_shape)
+        self.reset()
+
+    def _build_buffers(self, obs_shape: tuple) -> None:
+        gpt = self.model.transformer.cfg
+        C, K = gpt.n_embd, self.context
+        ring = self.ring = Ring(K + 1 if self.inference == "kv_cache" else K)
+        cap = ring.cap
+        obs_dtype = torch.uint8 if len(obs_shape) == 3 else torch.float32
+        self._rtg = ring.add(torch.zeros(cap), 1)
+        self._states = ring.add(torch.zeros((cap, *obs_shape), dtype=obs_dtype), 1)
+        act_shape = () if self.head.discrete else (self.head.size,)
+        act_dtype = torch.long if self.head.discrete else torch.float32
+        self._actions = ring.add(torch.zeros((cap, *act_shape), dtype=act_dtype), 1)
+        self._timesteps = ring.add(torch.zeros(cap, dtype=torch.long), 1)
+        self._tok = ring.add(torch.zeros(3 * cap, C), 3)  # embedded tokens
+        if self.inference == "window" and self.model.position_free:
+            self._qkv0 = ring.add(torch.zeros(3 * cap, 3 * C), 3)  # block 0's q, k, v
+        if self.inference == "kv_cache":
+            self._kv = [ring.add(torch.zeros(3 * cap, 2 * C), 3) for _ in range(gpt.n_layer)]
+        self._masks: dict = {}
+
+    # --- episode interface
+    def reset(self, target_return: float | None = None) -> None:
+        target = self.target_return if target_return is None else target_return
+        self._rtg_now = float(target) * self.rtg_scale
+        self._t = 0
+        self._pending_action = False  # kv_cache: a_{t-1} still to run through the blocks
+        self.ring.reset()
+
+    def observe(self, reward: float) -> None:
+        self._rtg_now -= float(reward) * self.rtg_scale
+        self._t += 1
+
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray):
+        ring, t, m = self.ring, self._t, self.model
+        if self.inference != "kv_cache" and ring.len == self.context:
+            ring.drop()
+        slot = ring.push()
+        obs_t = torch.from_numpy(np.asarray(obs).astype(self._states.numpy().dtype, copy=False))
+        self._rtg[slot] = self._rtg_now
+        self._states[slot] = obs_t.reshape(self._states.shape[1:])
+        self._actions[slot] = 0
+        self._timesteps[slot] = t
+        self._tok[3 * slot] = m.return_token(self._rtg_now, t)
+        self._tok[3 * slot + 1] = m.state_token(self._states[slot], t)
+        if self.inference == "window":
+            out = self._window_step(slot)
+        elif self.inference == "kv_cache":
+            out = self._kv_step(slot)
+        else:
+            out = self.full_forward()
+        action = self.head(out)
+        a = torch.as_tensor(action)
+        self._actions[slot] = a
+        self._tok[3 * slot + 2] = m.action_token(self._actions[slot], t)
+        if self.inference == "window" and self.model.position_free:
+            self._qkv0[3 * slot: 3 * slot + 3] = self._block0_qkv(self._tok[3 * slot: 3 * slot + 3])
+        self._pending_action = True
+        return action
+
+    # --- reference: the whole window through the modules (what Chen et al. run every step)
+    def full_forward(self, band: int | None = None) -> torch.Tensor:
+        """Raw action output for the newest state token, from the buffers' live window."""
+        lo, hi = self.ring.start, self.ring.start + self.ring.len
+        out = self.model(self._rtg[None, lo:hi], self._states[None, lo:hi],
+                         self._actions[None, lo:hi], self._timesteps[None, lo:hi], band=band)
+        return out[0, -1]
+
+    # --- exact window path
+    def _block0_qkv(self, tokens: torch.Tensor) -> torch.Tensor:
+        b0 = self.model.transformer.h[0]
+        return _linear(_ln(tokens, b0.ln_1), b0.attn.c_attn)
+
+    def _window_step(self, slot: int) -> torch.Tensor:
+        gpt = self.model.transformer
+        C, H = gpt.cfg.n_embd, gpt.cfg.n_head
+        lo, hi = 3 * self.ring.start, 3 * slot + 2  # R̂, s, a, ..., R̂_t, s_t (no a_t yet)
+        x = self.model.window_input(self._tok[lo:hi], self._t)
+        cached = self.model.position_free
+        if cached:
+            self._qkv0[3 * slot: 3 * slot + 2] = self._block0_qkv(self._tok[3 * slot: hi])
+        last = len(gpt.h) - 1
+        for i, blk in enumerate(gpt.h):
+            qkv = self._qkv0[lo:hi] if (i == 0 and cached) else _linear(_ln(x, blk.ln_1),
+                                                                        blk.attn.c_attn)
+            q, k, v = qkv.split(C, dim=1)
+            if i == last:  # only s_t's output is needed: one query against all keys
+                x, q = x[-1:], q[-1:]
+            y = _attend(q, k, v, H, None if i == last else self._causal(len(k)))
+            x = x + _linear(y, blk.attn.c_proj)
+            x = x + self._mlp(x, blk)
+        return self.model.action_output(_ln(x[-1], gpt.ln_f))
+
+    def _causal(self, n: int) -> torch.Tensor:
+        if n not in self._masks:
+            self._masks[n] = _additive(trajectory_mask(n))
+        return self._masks[n]
+
+    def _mlp(self, x: torch.Tensor, blk: Block) -> torch.Tensor:
+        return _linear(blk.mlp.act(_linear(_ln(x, blk.ln_2), blk.mlp.c_fc)), blk.mlp.c_proj)
+
+    # --- streaming K/V cache path
+    def _kv_step(self, slot: int) -> torch.Tensor:
+        gpt, ring = self.model.transformer, self.ring
+        H = gpt.cfg.n_head
+        first = 3 * slot - 1 if self._pending_action else 3 * slot  # a_{t-1}, R̂_t, s_t
+        lo, hi = 3 * ring.start, 3 * slot + 2
+        # R̂_t and s_t must not see timestep t-K (still held for a_{t-1}, which may)
+        off = 3 if ring.len == self.context + 1 else 0
+        mask = self._kv_mask(hi - first, hi - lo, off)
+        x = self._tok[first:hi]
+        last = len(gpt.h) - 1
+        for i, blk in enumerate(gpt.h):
+            q, k, v = _linear(_ln(x, blk.ln_1), blk.attn.c_attn).split(gpt.cfg.n_embd, dim=1)
+            self._k[i][first:hi] = k
+            self._v[i][first:hi] = v
+            if i == last:
+                x = x[-1:]
+                y = _attend(q[-1:], self._k[i][lo + off:hi], self._v[i][lo + off:hi], H)
+            else:
+                y = _attend(q, self._k[i][lo:hi], self._v[i][lo:hi], H, mask=mask)
+            x = x + _linear(y, blk.attn.c_proj)
+            x = x + self._mlp(x, blk)
+        self._pending_action = False
+        if ring.len == self.context + 1:
+            ring.drop()
+        return self.model.action_output(_ln(x[-1], gpt.ln_f))
+
+    def _kv_mask(self, nq: int, nk: int, off: int) -> torch.Tensor:
+        """(nq, nk) bool: query i is key nk-nq+i; it sees keys up to itself, and R̂_t, s_t
+        (the last two queries) none of the first `off` keys."""
+        key = (nq, nk, off)
+        if key not in self._masks:
+            qpos = torch.arange(nk - nq, nk)[:, None]
+            kpos = torch.arange(nk)[None, :]
+            mask = kpos <= qpos
+            mask[max(nq - 2, 0):, :off] = False
+            self._masks[key] = _additive(mask)
+        return self._masks[key]
+
+
+def make_dt(cfg, observation_space: gym.Space, action_space: gym.Space) -> DTPolicy:
+    """Vector observations, Box or Discrete actions (the continuous-control DT)."""
+    discrete = isinstance(action_space, gym.spaces.Discrete)
+    act_dim = int(action_space.n) if discrete else int(np.prod(action_space.shape))
+    obs_dim = int(np.prod(observation_space.shape))
+    gpt = GPTConfig(cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.inner_mult, "relu")
+    model = DecisionTransformer(obs_dim, act_dim, discrete, gpt, cfg.max_ep_len)
+    return DTPolicy(model, action_space, (obs_dim,), cfg.context, cfg.rtg_scale,
+                    cfg.target_return, cfg.inference)
