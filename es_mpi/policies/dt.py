@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -197,10 +198,6 @@ def _ln(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
-def _linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-    return F.linear(x, lin.weight, lin.bias)
-
-
 def _attend(q, k, v, n_head: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """q (nq, C), k/v (nk, C) -> (nq, C), heads split along C; `mask` (nq, nk) is additive
     (0 or -inf). Plain matmul/softmax: for a few tokens this beats F.scaled_dot_product_attention
@@ -222,6 +219,48 @@ def _attend(q, k, v, n_head: int, mask: torch.Tensor | None = None) -> torch.Ten
 
 def _additive(mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+
+
+class LayerWeights(NamedTuple):
+    """One Block's weights as plain tensors, matrices stored (in, out) for x @ W."""
+
+    ln_1: tuple
+    w_attn: torch.Tensor
+    b_attn: torch.Tensor
+    w_proj: torch.Tensor
+    b_proj: torch.Tensor
+    ln_2: tuple
+    w_fc: torch.Tensor
+    b_fc: torch.Tensor
+    w_fc2: torch.Tensor
+    b_fc2: torch.Tensor
+    act: object
+
+    @classmethod
+    def of(cls, blk: Block) -> "LayerWeights":
+        def t(lin: nn.Linear) -> torch.Tensor:
+            return lin.weight.t().contiguous()
+
+        def ln(m: nn.LayerNorm) -> tuple:
+            return (m.normalized_shape, m.weight, m.bias, m.eps)
+
+        return cls(ln(blk.ln_1), t(blk.attn.c_attn), blk.attn.c_attn.bias, t(blk.attn.c_proj),
+                   blk.attn.c_proj.bias, ln(blk.ln_2), t(blk.mlp.c_fc), blk.mlp.c_fc.bias,
+                   t(blk.mlp.c_proj), blk.mlp.c_proj.bias, blk.mlp.act)
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C) block input -> (n, 3C) queries, keys, values."""
+        return torch.addmm(self.b_attn, _ln2(x, self.ln_1), self.w_attn)
+
+    def rest(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Block input x and attention output y (both (n, C)) -> block output."""
+        x = x + torch.addmm(self.b_proj, y, self.w_proj)
+        h = self.act(torch.addmm(self.b_fc, _ln2(x, self.ln_2), self.w_fc))
+        return x + torch.addmm(self.b_fc2, h, self.w_fc2)
+
+
+def _ln2(x: torch.Tensor, ln: tuple) -> torch.Tensor:
+    return F.layer_norm(x, *ln)
 
 
 # ----------------------------------------------------------------------------- rolling buffers
@@ -294,6 +333,7 @@ class DTPolicy(FlatPolicy):
         if self.inference == "kv_cache":
             self._kv = [ring.add(torch.zeros(3 * cap, 2 * C), 3) for _ in range(gpt.n_layer)]
         self._masks: dict = {}
+        self._packed: list[LayerWeights] | None = None
 
     # --- episode interface
     def reset(self, target_return: float | None = None) -> None:
@@ -331,7 +371,8 @@ class DTPolicy(FlatPolicy):
         self._actions[slot] = a
         self._tok[3 * slot + 2] = m.action_token(self._actions[slot], t)
         if self.inference == "window" and self.model.position_free:
-            self._qkv0[3 * slot: 3 * slot + 3] = self._block0_qkv(self._tok[3 * slot: 3 * slot + 3])
+            rows = slice(3 * slot, 3 * slot + 3)
+            self._qkv0[rows] = self._block0_qkv(self._tok[rows])
         self._pending_action = True
         return action
 
@@ -343,11 +384,28 @@ class DTPolicy(FlatPolicy):
                          self._actions[None, lo:hi], self._timesteps[None, lo:hi], band=band)
         return out[0, -1]
 
-    # --- exact window path
-    def _block0_qkv(self, tokens: torch.Tensor) -> torch.Tensor:
-        b0 = self.model.transformer.h[0]
-        return _linear(_ln(tokens, b0.ln_1), b0.attn.c_attn)
+    # --- packed weights for the per-step paths
+    def set_theta(self, theta: np.ndarray) -> None:
+        super().set_theta(theta)
+        self._packed = None
 
+    def set_perturbed(self, theta: np.ndarray, eps: np.ndarray, scale: float) -> None:
+        super().set_perturbed(theta, eps, scale)
+        self._packed = None
+
+    def _pack(self) -> list[LayerWeights]:
+        """Per block, contiguous (in, out) copies of the weights so that every per-step
+        product is one addmm without a transposed operand (~15% faster for a few rows). A
+        cache of the flat vector: rebuilt after set_theta / set_perturbed."""
+        if self._packed is None:
+            self._packed = [LayerWeights.of(blk) for blk in self.model.transformer.h]
+        return self._packed
+
+    def _block0_qkv(self, tokens: torch.Tensor) -> torch.Tensor:
+        w = self._pack()[0]
+        return torch.addmm(w.b_attn, _ln2(tokens, w.ln_1), w.w_attn)
+
+    # --- exact window path
     def _window_step(self, slot: int) -> torch.Tensor:
         gpt = self.model.transformer
         C, H = gpt.cfg.n_embd, gpt.cfg.n_head
@@ -356,16 +414,16 @@ class DTPolicy(FlatPolicy):
         cached = self.model.position_free
         if cached:
             self._qkv0[3 * slot: 3 * slot + 2] = self._block0_qkv(self._tok[3 * slot: hi])
-        last = len(gpt.h) - 1
-        for i, blk in enumerate(gpt.h):
-            qkv = self._qkv0[lo:hi] if (i == 0 and cached) else _linear(_ln(x, blk.ln_1),
-                                                                        blk.attn.c_attn)
-            q, k, v = qkv.split(C, dim=1)
+        layers = self._pack()
+        last = len(layers) - 1
+        for i, w in enumerate(layers):
+            qkv = self._qkv0[lo:hi] if (i == 0 and cached) else w.qkv(x)
             if i == last:  # only s_t's output is needed: one query against all keys
-                x, q = x[-1:], q[-1:]
-            y = _attend(q, k, v, H, None if i == last else self._causal(len(k)))
-            x = x + _linear(y, blk.attn.c_proj)
-            x = x + self._mlp(x, blk)
+                x = x[-1:]
+                y = _attend(qkv[-1:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:], H)
+            else:
+                y = _attend(qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:], H, self._causal(hi - lo))
+            x = w.rest(x, y)
         return self.model.action_output(_ln(x[-1], gpt.ln_f))
 
     def _causal(self, n: int) -> torch.Tensor:
@@ -373,31 +431,28 @@ class DTPolicy(FlatPolicy):
             self._masks[n] = _additive(trajectory_mask(n))
         return self._masks[n]
 
-    def _mlp(self, x: torch.Tensor, blk: Block) -> torch.Tensor:
-        return _linear(blk.mlp.act(_linear(_ln(x, blk.ln_2), blk.mlp.c_fc)), blk.mlp.c_proj)
-
     # --- streaming K/V cache path
     def _kv_step(self, slot: int) -> torch.Tensor:
         gpt, ring = self.model.transformer, self.ring
-        H = gpt.cfg.n_head
+        C, H = gpt.cfg.n_embd, gpt.cfg.n_head
         first = 3 * slot - 1 if self._pending_action else 3 * slot  # a_{t-1}, R̂_t, s_t
         lo, hi = 3 * ring.start, 3 * slot + 2
         # R̂_t and s_t must not see timestep t-K (still held for a_{t-1}, which may)
         off = 3 if ring.len == self.context + 1 else 0
         mask = self._kv_mask(hi - first, hi - lo, off)
         x = self._tok[first:hi]
-        last = len(gpt.h) - 1
-        for i, blk in enumerate(gpt.h):
-            q, k, v = _linear(_ln(x, blk.ln_1), blk.attn.c_attn).split(gpt.cfg.n_embd, dim=1)
-            self._k[i][first:hi] = k
-            self._v[i][first:hi] = v
-            if i == last:
-                x = x[-1:]
-                y = _attend(q[-1:], self._k[i][lo + off:hi], self._v[i][lo + off:hi], H)
+        layers = self._pack()
+        last = len(layers) - 1
+        for i, w in enumerate(layers):
+            qkv = w.qkv(x)  # (nq, 3C)
+            self._kv[i][first:hi] = qkv[:, C:]
+            if i == last:  # only s_t's output is needed
+                x, kv = x[-1:], self._kv[i][lo + off:hi]
+                y = _attend(qkv[-1:, :C], kv[:, :C], kv[:, C:], H)
             else:
-                y = _attend(q, self._k[i][lo:hi], self._v[i][lo:hi], H, mask=mask)
-            x = x + _linear(y, blk.attn.c_proj)
-            x = x + self._mlp(x, blk)
+                kv = self._kv[i][lo:hi]
+                y = _attend(qkv[:, :C], kv[:, :C], kv[:, C:], H, mask)
+            x = w.rest(x, y)
         self._pending_action = False
         if ring.len == self.context + 1:
             ring.drop()
