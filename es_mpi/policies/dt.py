@@ -302,8 +302,10 @@ class DTPolicy(FlatPolicy):
     """FlatPolicy around a Decision Transformer; see the module docstring for inference modes."""
 
     def __init__(self, model: nn.Module, action_space: gym.Space, obs_shape: tuple,
-                 context: int, rtg_scale: float, target_return: float, inference: str):
+                 context: int, rtg_scale: float, target_return: float, inference: str,
+                 obs_uint8: bool = False):
         super().__init__()
+        self._obs_uint8 = obs_uint8  # keep raw frames as uint8 (4x smaller buffers)
         if inference == "kv_cache" and not model.position_free:
             raise ValueError("policy.inference: kv_cache needs a model without positional "
                              "embeddings; use 'window'")
@@ -320,7 +322,7 @@ class DTPolicy(FlatPolicy):
         C, K = gpt.n_embd, self.context
         ring = self.ring = Ring(K + 1 if self.inference == "kv_cache" else K)
         cap = ring.cap
-        obs_dtype = torch.uint8 if len(obs_shape) == 3 else torch.float32
+        obs_dtype = torch.uint8 if self._obs_uint8 else torch.float32
         self._rtg = ring.add(torch.zeros(cap), 1)
         self._states = ring.add(torch.zeros((cap, *obs_shape), dtype=obs_dtype), 1)
         act_shape = () if self.head.discrete else (self.head.size,)
