@@ -368,6 +368,7 @@ class DTPolicy(FlatPolicy):
             out = self._kv_step(slot)
         else:
             out = self.full_forward()
+        self.last_output = out  # raw action output (pre-squash / logits), for tests and tools
         action = self.head(out)
         a = torch.as_tensor(action)
         self._actions[slot] = a
