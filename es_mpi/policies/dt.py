@@ -199,18 +199,14 @@ def _ln(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
 
 
 def _attend(q, k, v, n_head: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q (nq, C), k/v (nk, C) -> (nq, C), heads split along C; `mask` (nq, nk) is additive
-    (0 or -inf). Plain matmul/softmax: for a few tokens this beats F.scaled_dot_product_attention
-    on CPU by several microseconds per call."""
-    nq, C = q.shape
-    hd = C // n_head
-    q = q * (1.0 / math.sqrt(hd))
+    """q (nq, C) already scaled by 1/sqrt(head dim), k/v (nk, C) -> (nq, C), heads split along
+    C; `mask` (nq, nk) is additive (0 or -inf). Plain matmul/softmax: for a few tokens this
+    beats F.scaled_dot_product_attention on CPU by several microseconds per call."""
     if n_head == 1:
-        att = torch.mm(q, k.t())
-        if mask is not None:
-            att += mask
+        att = torch.mm(q, k.t()) if mask is None else torch.addmm(mask, q, k.t())
         return torch.mm(torch.softmax(att, dim=-1), v)
-    q, k, v = (z.view(z.shape[0], n_head, hd).transpose(0, 1) for z in (q, k, v))
+    nq, C = q.shape
+    q, k, v = (z.view(z.shape[0], n_head, C // n_head).transpose(0, 1) for z in (q, k, v))
     att = torch.bmm(q, k.transpose(1, 2))  # (H, nq, nk)
     if mask is not None:
         att += mask
@@ -221,8 +217,17 @@ def _additive(mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
 
 
+def _ln_args(m: nn.LayerNorm) -> tuple:
+    return (m.normalized_shape, m.weight, m.bias, m.eps)
+
+
+def _in_out(lin: nn.Linear) -> torch.Tensor:
+    return lin.weight.t().contiguous()
+
+
 class LayerWeights(NamedTuple):
-    """One Block's weights as plain tensors, matrices stored (in, out) for x @ W."""
+    """One Block's weights as plain tensors for the per-step paths: matrices stored (in, out)
+    for x @ W, the query part of c_attn pre-multiplied by 1/sqrt(head dim)."""
 
     ln_1: tuple
     w_attn: torch.Tensor
@@ -238,32 +243,51 @@ class LayerWeights(NamedTuple):
 
     @classmethod
     def of(cls, blk: Block) -> "LayerWeights":
-        def t(lin: nn.Linear) -> torch.Tensor:
-            return lin.weight.t().contiguous()
+        C = blk.attn.c_attn.in_features
+        scale = 1.0 / math.sqrt(C // blk.attn.n_head)
+        w_attn, b_attn = _in_out(blk.attn.c_attn), blk.attn.c_attn.bias.clone()
+        w_attn[:, :C] *= scale
+        b_attn[:C] *= scale
+        return cls(_ln_args(blk.ln_1), w_attn, b_attn, _in_out(blk.attn.c_proj),
+                   blk.attn.c_proj.bias, _ln_args(blk.ln_2), _in_out(blk.mlp.c_fc),
+                   blk.mlp.c_fc.bias, _in_out(blk.mlp.c_proj), blk.mlp.c_proj.bias,
+                   torch.relu_ if blk.mlp.act is F.relu else blk.mlp.act)  # in place: no copy
 
-        def ln(m: nn.LayerNorm) -> tuple:
-            return (m.normalized_shape, m.weight, m.bias, m.eps)
-
-        return cls(ln(blk.ln_1), t(blk.attn.c_attn), blk.attn.c_attn.bias, t(blk.attn.c_proj),
-                   blk.attn.c_proj.bias, ln(blk.ln_2), t(blk.mlp.c_fc), blk.mlp.c_fc.bias,
-                   t(blk.mlp.c_proj), blk.mlp.c_proj.bias, blk.mlp.act)
-
-    def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, C) block input -> (n, 3C) queries, keys, values."""
-        return torch.addmm(self.b_attn, _ln2(x, self.ln_1), self.w_attn)
+    def qkv(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, C) block input -> (n, 3C) scaled queries, keys, values (written to `out`)."""
+        return torch.addmm(self.b_attn, F.layer_norm(x, *self.ln_1), self.w_attn, out=out)
 
     def rest(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Block input x and attention output y (both (n, C)) -> block output."""
-        x = x + torch.addmm(self.b_proj, y, self.w_proj)
-        h = self.act(torch.addmm(self.b_fc, _ln2(x, self.ln_2), self.w_fc))
-        return x + torch.addmm(self.b_fc2, h, self.w_fc2)
+        x = torch.addmm(self.b_proj, y, self.w_proj).add_(x)
+        h = self.act(torch.addmm(self.b_fc, F.layer_norm(x, *self.ln_2), self.w_fc))
+        return torch.addmm(self.b_fc2, h, self.w_fc2).add_(x)
 
 
-def _ln2(x: torch.Tensor, ln: tuple) -> torch.Tensor:
-    return F.layer_norm(x, *ln)
+class EmbedWeights(NamedTuple):
+    """The gym DT's embedding and output weights as plain tensors (kv_cache path)."""
 
+    time: torch.Tensor  # (max_ep_len, C)
+    w_return: torch.Tensor  # (C,)
+    b_return: torch.Tensor
+    w_state: torch.Tensor  # (C, obs) for addmv
+    b_state: torch.Tensor
+    w_action: torch.Tensor  # (C, act) for addmv, or the (n, C) embedding table
+    b_action: torch.Tensor | None
+    ln: tuple  # embed_ln
+    ln_f: tuple
+    w_out: torch.Tensor  # (act, C) for addmv
+    b_out: torch.Tensor
 
-# ----------------------------------------------------------------------------- rolling buffers
+    @classmethod
+    def of(cls, m: "DecisionTransformer") -> "EmbedWeights":
+        table = isinstance(m.embed_action, nn.Embedding)
+        return cls(m.embed_timestep.weight, m.embed_return.weight[:, 0].contiguous(),
+                   m.embed_return.bias, m.embed_state.weight, m.embed_state.bias,
+                   m.embed_action.weight, None if table else m.embed_action.bias,
+                   _ln_args(m.embed_ln), _ln_args(m.transformer.ln_f),
+                   m.predict_action.weight, m.predict_action.bias)
+
 
 class Ring:
     """Timesteps [start, start+len) of an episode in arrays of 2*keep rows, so the live window
@@ -305,7 +329,6 @@ class DTPolicy(FlatPolicy):
                  context: int, rtg_scale: float, target_return: float, inference: str,
                  obs_uint8: bool = False):
         super().__init__()
-        self._obs_uint8 = obs_uint8  # keep raw frames as uint8 (4x smaller buffers)
         if inference == "kv_cache" and not model.position_free:
             raise ValueError("policy.inference: kv_cache needs a model without positional "
                              "embeddings; use 'window'")
@@ -314,28 +337,34 @@ class DTPolicy(FlatPolicy):
         self.context, self.rtg_scale, self.target_return = context, rtg_scale, target_return
         self.inference = inference
         self.finalize()
-        self._build_buffers(obs_shape)
+        self._build_buffers(obs_shape, torch.uint8 if obs_uint8 else torch.float32)
         self.reset()
 
-    def _build_buffers(self, obs_shape: tuple) -> None:
+    def _build_buffers(self, obs_shape: tuple, obs_dtype: torch.dtype) -> None:
         gpt = self.model.transformer.cfg
         C, K = gpt.n_embd, self.context
-        ring = self.ring = Ring(K + 1 if self.inference == "kv_cache" else K)
+        kv = self.inference == "kv_cache"
+        ring = self.ring = Ring(K + 1 if kv else K)  # kv: a_{t-1} may still see step t-K
         cap = ring.cap
-        obs_dtype = torch.uint8 if self._obs_uint8 else torch.float32
-        self._rtg = ring.add(torch.zeros(cap), 1)
-        self._states = ring.add(torch.zeros((cap, *obs_shape), dtype=obs_dtype), 1)
         act_shape = () if self.head.discrete else (self.head.size,)
         act_dtype = torch.long if self.head.discrete else torch.float32
+        self._rtg = ring.add(torch.zeros(cap), 1)
+        self._states = ring.add(torch.zeros((cap, *obs_shape), dtype=obs_dtype), 1)
         self._actions = ring.add(torch.zeros((cap, *act_shape), dtype=act_dtype), 1)
         self._timesteps = ring.add(torch.zeros(cap, dtype=torch.long), 1)
-        self._tok = ring.add(torch.zeros(3 * cap, C), 3)  # embedded tokens
-        if self.inference == "window" and self.model.position_free:
-            self._qkv0 = ring.add(torch.zeros(3 * cap, 3 * C), 3)  # block 0's q, k, v
-        if self.inference == "kv_cache":
-            self._kv = [ring.add(torch.zeros(3 * cap, 2 * C), 3) for _ in range(gpt.n_layer)]
+        # numpy views of the same memory: element writes from numpy are ~3x cheaper
+        self._np = {name: getattr(self, name).numpy()
+                    for name in ("_rtg", "_states", "_actions", "_timesteps")}
+        if kv:  # keys and values of every block; token embeddings are not needed again
+            # every block's q, k, v per token (q is kept too: the product lands here directly)
+            self._qkv = [ring.add(torch.zeros(3 * cap, 3 * C), 3) for _ in range(gpt.n_layer)]
+            self._pre = torch.zeros(3, C)  # a_{t-1}, R̂_t, s_t before LayerNorm
+        else:
+            self._tok = ring.add(torch.zeros(3 * cap, C), 3)  # embedded tokens
+            if self.model.position_free:
+                self._qkv0 = ring.add(torch.zeros(3 * cap, 3 * C), 3)  # block 0's q, k, v
         self._masks: dict = {}
-        self._packed: list[LayerWeights] | None = None
+        self._packed: tuple | None = None
 
     # --- episode interface
     def reset(self, target_return: float | None = None) -> None:
@@ -351,33 +380,47 @@ class DTPolicy(FlatPolicy):
 
     @torch.inference_mode()
     def act(self, obs: np.ndarray):
-        ring, t, m = self.ring, self._t, self.model
+        ring = self.ring
         if self.inference != "kv_cache" and ring.len == self.context:
             ring.drop()
         slot = ring.push()
-        obs_t = torch.from_numpy(np.asarray(obs).astype(self._states.numpy().dtype, copy=False))
-        self._rtg[slot] = self._rtg_now
-        self._states[slot] = obs_t.reshape(self._states.shape[1:])
-        self._actions[slot] = 0
-        self._timesteps[slot] = t
-        self._tok[3 * slot] = m.return_token(self._rtg_now, t)
-        self._tok[3 * slot + 1] = m.state_token(self._states[slot], t)
-        if self.inference == "window":
-            out = self._window_step(slot)
-        elif self.inference == "kv_cache":
+        self._record(slot, obs)
+        if self.inference == "kv_cache":
             out = self._kv_step(slot)
         else:
-            out = self.full_forward()
+            m, t = self.model, self._t
+            self._tok[3 * slot] = m.return_token(self._rtg_now, t)
+            self._tok[3 * slot + 1] = m.state_token(self._states[slot], t)
+            out = self._window_step(slot) if self.inference == "window" else self.full_forward()
         self.last_output = out  # raw action output (pre-squash / logits), for tests and tools
         action = self.head(out)
-        a = torch.as_tensor(action)
-        self._actions[slot] = a
-        self._tok[3 * slot + 2] = m.action_token(self._actions[slot], t)
+        self._np["_actions"][slot] = action
+        self._embed_action(slot)
+        self._pending_action = True
+        return action
+
+    def _record(self, slot: int, obs: np.ndarray) -> None:
+        """Raw history in the rolling buffers (the action is filled in after it is chosen)."""
+        self._np["_rtg"][slot] = self._rtg_now
+        self._np["_states"][slot] = np.reshape(obs, self._np["_states"].shape[1:])
+        self._np["_actions"][slot] = 0
+        self._np["_timesteps"][slot] = self._t
+
+    def _embed_action(self, slot: int) -> None:
+        a, t = self._actions[slot], self._t
+        if self.inference == "kv_cache":  # pre-LayerNorm; a_t runs through the blocks next step
+            e = self._packed[1]
+            row = self._pre[0]
+            if e.b_action is None:
+                torch.add(e.w_action[int(a)], e.time[min(t, len(e.time) - 1)], out=row)
+            else:
+                torch.addmv(e.b_action, e.w_action, a, out=row)
+                row += e.time[min(t, len(e.time) - 1)]
+            return
+        self._tok[3 * slot + 2] = self.model.action_token(a, t)
         if self.inference == "window" and self.model.position_free:
             rows = slice(3 * slot, 3 * slot + 3)
             self._qkv0[rows] = self._block0_qkv(self._tok[rows])
-        self._pending_action = True
-        return action
 
     # --- reference: the whole window through the modules (what Chen et al. run every step)
     def full_forward(self, band: int | None = None) -> torch.Tensor:
@@ -396,17 +439,17 @@ class DTPolicy(FlatPolicy):
         super().set_perturbed(theta, eps, scale)
         self._packed = None
 
-    def _pack(self) -> list[LayerWeights]:
-        """Per block, contiguous (in, out) copies of the weights so that every per-step
-        product is one addmm without a transposed operand (~15% faster for a few rows). A
-        cache of the flat vector: rebuilt after set_theta / set_perturbed."""
+    def _pack(self) -> tuple[list[LayerWeights], EmbedWeights | None]:
+        """Plain-tensor copies/views of the weights (see LayerWeights): a cache of the flat
+        vector, rebuilt after set_theta / set_perturbed (once per episode, ~1 ms)."""
         if self._packed is None:
-            self._packed = [LayerWeights.of(blk) for blk in self.model.transformer.h]
+            layers = [LayerWeights.of(blk) for blk in self.model.transformer.h]
+            embed = EmbedWeights.of(self.model) if self.inference == "kv_cache" else None
+            self._packed = (layers, embed)
         return self._packed
 
     def _block0_qkv(self, tokens: torch.Tensor) -> torch.Tensor:
-        w = self._pack()[0]
-        return torch.addmm(w.b_attn, _ln2(tokens, w.ln_1), w.w_attn)
+        return self._pack()[0][0].qkv(tokens)
 
     # --- exact window path
     def _window_step(self, slot: int) -> torch.Tensor:
@@ -416,8 +459,8 @@ class DTPolicy(FlatPolicy):
         x = self.model.window_input(self._tok[lo:hi], self._t)
         cached = self.model.position_free
         if cached:
-            self._qkv0[3 * slot: 3 * slot + 2] = self._block0_qkv(self._tok[3 * slot: hi])
-        layers = self._pack()
+            self._qkv0[3 * slot: hi] = self._block0_qkv(self._tok[3 * slot: hi])
+        layers = self._pack()[0]
         last = len(layers) - 1
         for i, w in enumerate(layers):
             qkv = self._qkv0[lo:hi] if (i == 0 and cached) else w.qkv(x)
@@ -436,33 +479,36 @@ class DTPolicy(FlatPolicy):
 
     # --- streaming K/V cache path
     def _kv_step(self, slot: int) -> torch.Tensor:
-        gpt, ring = self.model.transformer, self.ring
-        C, H = gpt.cfg.n_embd, gpt.cfg.n_head
-        first = 3 * slot - 1 if self._pending_action else 3 * slot  # a_{t-1}, R̂_t, s_t
-        lo, hi = 3 * ring.start, 3 * slot + 2
+        ring, t = self.ring, self._t
+        layers, e = self._pack()
+        C, H = e.time.shape[1], self.model.transformer.cfg.n_head
+        # tokens R̂_t, s_t (and a_{t-1}, embedded at the end of the last step) before LayerNorm
+        pre = self._pre if self._pending_action else self._pre[1:]
+        torch.add(e.b_return, e.w_return, alpha=self._rtg_now, out=self._pre[1])
+        torch.addmv(e.b_state, e.w_state, self._states[slot], out=self._pre[2])
+        self._pre[1:] += e.time[min(t, len(e.time) - 1)]
+        x = F.layer_norm(pre, *e.ln)
+        first, lo, hi = 3 * slot + 2 - len(pre), 3 * ring.start, 3 * slot + 2
         # R̂_t and s_t must not see timestep t-K (still held for a_{t-1}, which may)
         off = 3 if ring.len == self.context + 1 else 0
-        mask = self._kv_mask(hi - first, hi - lo, off)
-        x = self._tok[first:hi]
-        layers = self._pack()
+        mask = self._kv_mask(len(pre), hi - lo, off)
         last = len(layers) - 1
         for i, w in enumerate(layers):
-            qkv = w.qkv(x)  # (nq, 3C)
-            self._kv[i][first:hi] = qkv[:, C:]
+            qkv = w.qkv(x, out=self._qkv[i][first:hi])  # (nq, 3C), cached in place
             if i == last:  # only s_t's output is needed
-                x, kv = x[-1:], self._kv[i][lo + off:hi]
-                y = _attend(qkv[-1:, :C], kv[:, :C], kv[:, C:], H)
+                x, kv = x[-1:], self._qkv[i][lo + off:hi]
+                y = _attend(qkv[-1:, :C], kv[:, C:2 * C], kv[:, 2 * C:], H)
             else:
-                kv = self._kv[i][lo:hi]
-                y = _attend(qkv[:, :C], kv[:, :C], kv[:, C:], H, mask)
+                kv = self._qkv[i][lo:hi]
+                y = _attend(qkv[:, :C], kv[:, C:2 * C], kv[:, 2 * C:], H, mask)
             x = w.rest(x, y)
         self._pending_action = False
         if ring.len == self.context + 1:
             ring.drop()
-        return self.model.action_output(_ln(x[-1], gpt.ln_f))
+        return torch.addmv(e.b_out, e.w_out, F.layer_norm(x[0], *e.ln_f))
 
     def _kv_mask(self, nq: int, nk: int, off: int) -> torch.Tensor:
-        """(nq, nk) bool: query i is key nk-nq+i; it sees keys up to itself, and R̂_t, s_t
+        """(nq, nk) additive: query i is key nk-nq+i; it sees keys up to itself, and R̂_t, s_t
         (the last two queries) none of the first `off` keys."""
         key = (nq, nk, off)
         if key not in self._masks:
