@@ -44,7 +44,8 @@ class PolicyConfig:
     max_ep_len: int = 1000  # DT: rows of the timestep embedding (later steps use the last row)
     rtg_scale: float = 0.001  # DT: returns-to-go are fed as R * rtg_scale (1/1000)
     target_return: float = 6000.0  # DT: initial return-to-go of an episode, in reward units
-    inference: Literal["window", "kv_cache", "full"] = "window"  # DT per-step forward: see policies/dt.py
+    # DT per-step forward: window (exact), kv_cache (streaming, fastest), full (reference)
+    inference: Literal["window", "kv_cache", "full"] = "window"
 
 
 @dataclass

@@ -86,13 +86,14 @@ def test_window_path_equals_full_forward_every_step():
     assert policy.ring.len == 20  # the window is full: the comparison covered the sliding part
 
 
-def test_kv_cache_equals_banded_full_forward():
+@pytest.mark.parametrize("n_head", [1, 4])
+def test_kv_cache_equals_banded_full_forward(n_head):
     """Incremental K/V cache == full forward over the whole history with the banded mask;
     and == the plain window forward while the episode is shorter than the context."""
     env = humanoid()
     K = 4
-    policy = randomized(make_policy(PolicyConfig(kind="dt", context=K, inference="kv_cache"),
-                                    env.observation_space, env.action_space, 0))
+    cfg = PolicyConfig(kind="dt", context=K, n_head=n_head, inference="kv_cache")
+    policy = randomized(make_policy(cfg, env.observation_space, env.action_space, 0))
     hist = {"r": [], "s": [], "a": [], "t": []}
     obs, _ = env.reset(seed=5)
     policy.reset(3000.0)
