@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gymnasium as gym
 
+from .config import ConfigError
+
 
 def make_env(cfg, render_mode: str | None = None) -> gym.Env:
     """Build the environment of an `EnvConfig` (no passive checker: it costs time per step)."""
@@ -14,7 +16,9 @@ def make_env(cfg, render_mode: str | None = None) -> gym.Env:
     try:
         return gym.make(cfg.id, disable_env_checker=True, **kwargs)
     except gym.error.Error as exc:
-        raise ValueError(f"env.id: cannot make environment {cfg.id!r}: {exc}") from None
+        raise ConfigError(f"env.id: cannot make environment {cfg.id!r}: {exc}") from None
+    except TypeError as exc:  # an unknown keyword in env.kwargs
+        raise ConfigError(f"env.kwargs: {cfg.id!r} rejected them: {exc}") from None
 
 
 def episode_limit(env: gym.Env) -> int:
