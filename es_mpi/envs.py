@@ -1,6 +1,8 @@
 """Environment makers. Gymnasium ids (MuJoCo and classic control) are made here."""
 from __future__ import annotations
 
+import warnings
+
 import gymnasium as gym
 
 from .config import ConfigError
@@ -14,7 +16,10 @@ def make_env(cfg, render_mode: str | None = None) -> gym.Env:
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
     try:
-        return gym.make(cfg.id, disable_env_checker=True, **kwargs)
+        with warnings.catch_warnings():
+            # Humanoid-v4 is deprecated upstream but is the paper's environment (376-dim obs)
+            warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
+            return gym.make(cfg.id, disable_env_checker=True, **kwargs)
     except gym.error.Error as exc:
         raise ConfigError(f"env.id: cannot make environment {cfg.id!r}: {exc}") from None
     except TypeError as exc:  # an unknown keyword in env.kwargs

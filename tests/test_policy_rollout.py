@@ -10,7 +10,7 @@ from es_mpi.rollout import Normalizer, run_episode
 
 
 def _humanoid_policy(seed=0):
-    env = gym.make("Humanoid-v4")
+    env = make_env(EnvConfig(id="Humanoid-v4"))
     return make_policy(PolicyConfig(kind="mlp", hidden=[256, 256]), env.observation_space,
                        env.action_space, seed), env
 
