@@ -115,10 +115,10 @@ def abort_on_exception(comm: MPI.Comm, fn, *args, **kwargs):
     except SystemExit:
         raise
     except BaseException:
+        if comm.Get_size() == 1:
+            raise  # alone: Python prints the traceback and exits non-zero
         sys.stdout.flush()
         sys.stderr.write(f"[es_mpi] rank {comm.Get_rank()} of {comm.Get_size()} failed:\n")
         traceback.print_exc()
         sys.stderr.flush()
-        if comm.Get_size() > 1:
-            comm.Abort(1)
-        raise
+        comm.Abort(1)

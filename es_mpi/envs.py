@@ -1,7 +1,11 @@
 """Environment makers. Gymnasium ids (MuJoCo and classic control) are made here."""
 from __future__ import annotations
 
+import warnings
+
 import gymnasium as gym
+
+from .config import ConfigError
 
 
 def make_env(cfg, render_mode: str | None = None) -> gym.Env:
@@ -12,9 +16,14 @@ def make_env(cfg, render_mode: str | None = None) -> gym.Env:
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
     try:
-        return gym.make(cfg.id, disable_env_checker=True, **kwargs)
+        with warnings.catch_warnings():
+            # Humanoid-v4 is deprecated upstream but is the paper's environment (376-dim obs)
+            warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
+            return gym.make(cfg.id, disable_env_checker=True, **kwargs)
     except gym.error.Error as exc:
-        raise ValueError(f"env.id: cannot make environment {cfg.id!r}: {exc}") from None
+        raise ConfigError(f"env.id: cannot make environment {cfg.id!r}: {exc}") from None
+    except TypeError as exc:  # an unknown keyword in env.kwargs
+        raise ConfigError(f"env.kwargs: {cfg.id!r} rejected them: {exc}") from None
 
 
 def episode_limit(env: gym.Env) -> int:

@@ -58,7 +58,8 @@ def weighted_noise_sum(table: np.ndarray, offsets: np.ndarray, weights: np.ndarr
     for off, w in zip(offsets.tolist(), weights.tolist()):
         if w == 0.0:
             continue
-        np.multiply(table[off + lo: off + hi], w, out=tmp)
+        # np.float64 scalar: a bare Python float would make NumPy multiply in float32 (NEP 50)
+        np.multiply(table[off + lo: off + hi], np.float64(w), out=tmp)
         acc += tmp
     return acc
 

@@ -31,24 +31,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_config_everywhere(comm, args) -> JobConfig | None:
-    """Load and validate the job on every rank; all ranks agree on success before any work."""
-    cfg, error = None, None
+def agree(comm, step, *args):
+    """Run `step(*args)` on every rank; if it raises ConfigError anywhere, all ranks return None.
+
+    Bad input is reported once (by the lowest failing rank), with exit code 2 and no traceback,
+    and no rank is left waiting in a collective for one that failed.
+    """
+    from mpi4py import MPI
+
+    result, error = None, None
     try:
-        cfg = load_job(args.job, args.overrides)
+        result = step(*args)
     except ConfigError as exc:
         error = str(exc)
-    first_failed = comm.allreduce(comm.Get_rank() if error else comm.Get_size(), op=_min_op())
+    first_failed = comm.allreduce(comm.Get_rank() if error else comm.Get_size(), op=MPI.MIN)
     if first_failed < comm.Get_size():
         if comm.Get_rank() == first_failed:
             print(f"es_mpi: configuration error: {error}", file=sys.stderr, flush=True)
         return None
-    return cfg
-
-
-def _min_op():
-    from mpi4py import MPI
-    return MPI.MIN
+    return result
 
 
 @dataclass
@@ -62,20 +63,33 @@ class Runtime:
     obs_shape: tuple
 
 
-def build_runtime(cfg: JobConfig, comm) -> Runtime:
+def build_env_and_policy(cfg: JobConfig) -> tuple:
+    """The rank-local part of set-up (no MPI): bad ids or sizes raise ConfigError."""
     import torch
 
-    from . import comm as mpi
-    from .envs import episode_limit, make_env
+    from .envs import make_env
     from .policies import make_policy
 
     torch.set_num_threads(cfg.run.torch_threads)
     env = make_env(cfg.env)
-    policy = make_policy(cfg.policy, env.observation_space, env.action_space, cfg.run.seed)
-    shared = mpi.shared_noise_table(comm, cfg.es.noise_table_size, cfg.es.noise_seed)
+    try:
+        policy = make_policy(cfg.policy, env.observation_space, env.action_space, cfg.run.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if policy.num_params > cfg.es.noise_table_size:
         raise ConfigError(f"es.noise_table_size={cfg.es.noise_table_size} is smaller than the "
-                          f"policy's {policy.num_params} parameters")
+                          f"policy's {policy.num_params:,} parameters")
+    return env, policy
+
+
+def build_runtime(cfg: JobConfig, comm, env=None, policy=None) -> Runtime:
+    """Environment, policy and the node-shared noise table (collective over `comm`)."""
+    from . import comm as mpi
+    from .envs import episode_limit
+
+    if env is None:
+        env, policy = build_env_and_policy(cfg)
+    shared = mpi.shared_noise_table(comm, cfg.es.noise_table_size, cfg.es.noise_seed)
     return Runtime(env, policy, shared, episode_limit(env), env.observation_space.shape)
 
 
@@ -175,14 +189,14 @@ def format_row(row: dict) -> str:
             f"cap {row['episode_cap']:5d} | {row['iteration_seconds']:6.2f}s")
 
 
-def train(cfg: JobConfig, comm) -> int:
+def train(cfg: JobConfig, comm, env, policy) -> int:
     from . import comm as mpi
     from .checkpoint import checkpoint_path, save_checkpoint
     from .results import ResultsWriter
 
     is_root = comm.Get_rank() == 0
     run_dir = Path(cfg.run.dir)
-    rt = build_runtime(cfg, comm)
+    rt = build_runtime(cfg, comm, env, policy)
     state = initial_state(rt)
     mpi.check_identical(comm, state.theta, -1)
     config_text = cfg.to_yaml()
@@ -217,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     from . import comm as mpi
 
     comm = mpi.world()
-    cfg = load_config_everywhere(comm, args)
-    if cfg is None:
+    cfg = agree(comm, load_job, args.job, args.overrides)
+    built = cfg and agree(comm, build_env_and_policy, cfg)
+    if not built:
         return EXIT_CONFIG_ERROR
-    return mpi.abort_on_exception(comm, train, cfg, comm)
+    return mpi.abort_on_exception(comm, train, cfg, comm, *built)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from .base import ActionHead, FlatPolicy
 class MLPPolicy(FlatPolicy):
     """obs (obs_dim,) -> [Linear, act] x len(hidden) -> Linear (act_dim,) -> squash/argmax.
 
-    Humanoid-v4 (376 obs, 17 act) with hidden [256, 256]: 166,417 parameters.
+    Humanoid-v4 (376 obs, 17 act) with hidden [256, 256]: 166,673 parameters.
     """
 
     def __init__(self, obs_dim: int, action_space: gym.Space, hidden=(256, 256),

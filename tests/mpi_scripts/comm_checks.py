@@ -1,0 +1,58 @@
+"""Run under `mpiexec -n K`: checks of es_mpi.comm at any world size."""
+import numpy as np
+
+from es_mpi import comm as mpi
+from es_mpi import noise
+
+
+def check_split(comm):
+    for n in (0, 1, 5, 17):
+        blocks = [mpi.split_range(n, comm.size, r) for r in range(comm.size)]
+        covered = [j for lo, hi in blocks for j in range(lo, hi)]
+        assert covered == list(range(n)), blocks
+
+
+def check_gather_by_key(comm):
+    n = 11
+    # give rank r the keys j with j % size == r, in reverse order: any assignment must work
+    mine = [j for j in range(n) if j % comm.size == comm.rank][::-1]
+    rows = np.array([[j, j * 10.0, -j] for j in mine]).reshape(-1, 3)
+    out = mpi.gather_by_key(comm, rows, n)
+    assert np.array_equal(out[:, 0], np.arange(n)) and np.array_equal(out[:, 1], np.arange(n) * 10.0)
+    empty = mpi.gather_by_key(comm, np.zeros((0, 4)))
+    assert empty.shape == (0, 4)
+
+
+def check_shared_table(comm):
+    size = noise.CHUNK * 2 + 777
+    shared = mpi.shared_noise_table(comm, size, noise_seed=9)
+    assert np.array_equal(shared.table, noise.make_table(size, 9))
+    # one copy per node: every rank of the node maps the same physical memory
+    node = shared.node_comm
+    marker = shared.table[size - 1]
+    node.Barrier()
+    if node.rank == node.size - 1:
+        shared.table[size - 1] = 12345.0
+    shared.window.Lock_all(); shared.window.Sync(); node.Barrier(); shared.window.Sync()
+    shared.window.Unlock_all()
+    assert shared.table[size - 1] == 12345.0
+    node.Barrier()
+    shared.free()
+    return marker
+
+
+def check_identical(comm):
+    theta = np.arange(5, dtype=np.float32)
+    digest = mpi.check_identical(comm, theta, 0)
+    assert len(digest) == 16
+    assert mpi.any_rank(comm, comm.rank == comm.size - 1)
+    assert not mpi.any_rank(comm, False)
+
+
+if __name__ == "__main__":
+    world = mpi.world()
+    check_split(world)
+    check_gather_by_key(world)
+    check_shared_table(world)
+    check_identical(world)
+    print(f"comm checks passed on rank {world.rank} of {world.size}", flush=True)

@@ -1,0 +1,102 @@
+"""The protocol under real `mpiexec -n K`: invariance, failure handling, learning."""
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from mpi_helpers import REPO, TINY, mpirun, run_job
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_comm_primitives(n):
+    proc = mpirun(n, [str(REPO / "tests/mpi_scripts/comm_checks.py")], timeout=90, check=True)
+    assert proc.stdout.count("comm checks passed") == n
+
+
+def _final(run_dir):
+    with h5py.File(run_dir / "checkpoints" / "ckpt_000003.h5") as f:
+        theta = f["theta"][()]
+    with h5py.File(run_dir / "results.h5") as f:
+        rows = {k: f["iterations"][k][()] for k in f["iterations"]}
+    return theta, rows
+
+
+def test_theta_is_bitwise_equal_at_1_2_and_3_ranks(tmp_path):
+    finals = {}
+    for n in (1, 2, 3):
+        proc = run_job(n, tmp_path / f"n{n}", *TINY, "run.checkpoint_every=1", timeout=120)
+        assert proc.stdout.count("iter ") == 3
+        finals[n] = _final(tmp_path / f"n{n}")
+    theta1, rows1 = finals[1]
+    assert theta1.dtype == np.float32 and theta1.size == 1249
+    for n in (2, 3):
+        theta, rows = finals[n]
+        assert np.array_equal(theta.view(np.uint32), theta1.view(np.uint32)), f"{n} ranks differ"
+        for key in ("iteration", "timesteps", "fitness_mean", "fitness_max", "eval_return",
+                    "update_norm", "obs_count", "episode_cap"):
+            assert np.array_equal(rows[key], rows1[key]), key
+    # the run really moved theta and really used the obs statistics
+    with h5py.File(tmp_path / "n1" / "checkpoints" / "ckpt_000001.h5") as f:
+        assert not np.array_equal(f["theta"][()], theta1)
+    assert rows1["obs_count"][-1] > 1
+
+
+def test_results_file_has_the_public_columns(tmp_path):
+    run_job(2, tmp_path, *TINY, timeout=90)
+    with h5py.File(tmp_path / "results.h5") as f:
+        grp = f["iterations"]
+        for name in ("iteration", "timesteps", "wall_seconds", "fitness_mean", "fitness_max",
+                     "eval_return"):
+            assert grp[name].shape == (3,), name
+        assert list(grp["iteration"][()]) == [0, 1, 2]
+        assert np.all(np.diff(grp["timesteps"][()]) > 0)
+    assert (tmp_path / "config.yaml").read_text().count("population: 6") == 1
+
+
+def test_divergence_between_ranks_is_detected(tmp_path):
+    proc = mpirun(2, [str(REPO / "tests/mpi_scripts/inject.py"), "diverge", "1", "1",
+                      "jobs/quickstart.yaml", f"run.dir={tmp_path}", *TINY], timeout=90)
+    assert proc.returncode != 0
+    assert "theta diverged across ranks after iteration 1" in proc.stderr
+
+
+# Key and value errors fail before torch/gymnasium are imported: < 5 s. Errors that need the
+# environment or the policy built (unknown env id, table too small) come after those imports.
+@pytest.mark.parametrize("override, message, seconds", [
+    ("es.sigmaa=0.1", "unknown key 'es.sigmaa'", 5),
+    ("es.population=-5", "es.population: must be a positive integer, got -5", 5),
+    ("env.id=Nope-v9", "env.id: cannot make environment 'Nope-v9'", 30),
+    ("es.noise_table_size=100", "es.noise_table_size=100 is smaller than the policy's 1,249", 30),
+])
+def test_bad_config_fails_fast_naming_the_key(tmp_path, override, message, seconds):
+    start = time.monotonic()
+    proc = run_job(2, tmp_path / "run", override, timeout=60, check=False)
+    assert time.monotonic() - start < seconds
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert proc.stderr.count("configuration error") == 1  # said once, not once per rank
+    assert not (tmp_path / "run").exists()
+
+
+def test_exception_on_one_rank_ends_the_job_with_its_traceback(tmp_path):
+    start = time.monotonic()
+    proc = mpirun(3, [str(REPO / "tests/mpi_scripts/inject.py"), "raise", "1", "1",
+                      "jobs/quickstart.yaml", f"run.dir={tmp_path}", *TINY,
+                      "run.iterations=1000"], timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 30
+    assert "rank 1 of 3 failed" in proc.stderr
+    assert "RuntimeError: injected failure on rank 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_learns(tmp_path):
+    proc = run_job(2, tmp_path, timeout=300)
+    with h5py.File(tmp_path / "results.h5") as f:
+        ev = f["iterations/eval_return"][()]
+    assert len(ev) == 25, proc.stdout
+    assert ev[-3:].mean() > max(200.0, 5 * ev[:3].mean()), ev
