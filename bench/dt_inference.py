@@ -9,7 +9,7 @@ Paths compared (same weights, same observation stream of one 1000-step episode):
   window    policy.inference=window: exact, cached tokens + block-0 q/k/v, last block for s_t
   kv_cache  policy.inference=kv_cache: streaming attention, 3 new tokens per step
 and, for scale, one Humanoid-v4 env step. Both wall-clock and process CPU time are reported
-(CPU time is steadier on a shared machine). Numbers go to docs/performance*.md by hand.
+(CPU time is steadier on a shared machine). Numbers go to docs/performance.md by hand.
 """
 from __future__ import annotations
 

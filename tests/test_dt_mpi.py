@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from _mpirun_dt import REPO, child_env, run, run_job
+import mpi_helpers
+from mpi_helpers import REPO, run_job
 
 JOB = "jobs/humanoid_dt.yaml"
 SMALL = ("es.population=8", "run.iterations=2", "es.noise_table_size=2000000",
@@ -39,7 +40,10 @@ def test_dt_job_theta_size_and_rank_count_invariance(runs):
 
 
 def evaluate(*args: str, timeout: float = 240) -> str:
-    return run([sys.executable, "-m", "es_mpi.evaluate", *args], timeout).stdout
+    proc = subprocess.run([sys.executable, "-m", "es_mpi.evaluate", *args], cwd=REPO,
+                          env=mpi_helpers.test_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 @pytest.mark.timeout(400)
@@ -69,5 +73,5 @@ def test_evaluate_video_is_a_playable_non_black_mp4(runs, tmp_path):
 
 def test_evaluate_missing_path_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "es_mpi.evaluate", str(tmp_path / "nope")],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60)
+                          cwd=REPO, env=mpi_helpers.test_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr
