@@ -10,6 +10,7 @@ from es_mpi.config import ConfigError, PolicyConfig, from_dict
 from es_mpi.policies import make_policy
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date")  # Humanoid-v4: the paper's env
 REQ = {"run": {"seed": 0, "iterations": 1, "dir": "x"}, "es": {"population": 1, "sigma": 0.1}}
 
 
