@@ -4,12 +4,13 @@ An episode is the token stream  R̂_0, s_0, a_0, R̂_1, s_1, a_1, ...  (return-t
 action). Each token is a linear embedding of its content plus a learned embedding of its
 timestep, then LayerNorm; GPT-style causal blocks read the last K timesteps and the action of
 step t is predicted from the hidden state of the token s_t, then tanh-squashed into the action
-bounds (argmax for discrete actions). R̂_0 = target_return * rtg_scale and every reward r lowers
-it by r * rtg_scale.
+bounds (argmax for discrete actions); the token a_t holds the action sent to the env.
+R̂_0 = target_return * rtg_scale and every reward r lowers it by r * rtg_scale.
 
 Per-step inference (`policy.inference`) never rebuilds the sequence: tokens are embedded once,
-when they arrive, into preallocated rolling buffers (returns, states, actions, timesteps and
-the embedded tokens), and the window is a contiguous view of them.
+when they arrive, into preallocated rolling buffers (returns, states, actions, timesteps, and
+the embedded tokens or the per-block queries/keys/values), and the window is a contiguous view
+of them. Measured speeds: docs/performance.md.
   window    exact Chen et al. semantics: the action equals a full forward pass over the last
             K timesteps. Only what that pass needs is computed: layer-0 keys/queries/values are
             cached per token (a token's embedding does not depend on where the window starts,
