@@ -219,6 +219,7 @@ def _additive(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _ln_args(m: nn.LayerNorm) -> tuple:
+    """Arguments of torch.layer_norm (the builtin: skips F.layer_norm's Python checks)."""
     return (m.normalized_shape, m.weight, m.bias, m.eps)
 
 
@@ -228,7 +229,10 @@ def _in_out(lin: nn.Linear) -> torch.Tensor:
 
 class LayerWeights(NamedTuple):
     """One Block's weights as plain tensors for the per-step paths: matrices stored (in, out)
-    for x @ W, the query part of c_attn pre-multiplied by 1/sqrt(head dim)."""
+    for x @ W, the query part of c_attn pre-multiplied by 1/sqrt(head dim). With one head the
+    output projection is folded into the values: v' = ln(x) (W_v W_proj) + (b_v W_proj + b_proj),
+    so softmax(q k^T) v' is the projected attention output (softmax rows sum to 1) and one
+    matrix product a step is saved per block."""
 
     ln_1: tuple
     w_attn: torch.Tensor
@@ -241,6 +245,8 @@ class LayerWeights(NamedTuple):
     w_fc2: torch.Tensor
     b_fc2: torch.Tensor
     act: object
+    n_head: int
+    folded: bool  # W_proj folded into the values (n_head == 1)
 
     @classmethod
     def of(cls, blk: Block) -> "LayerWeights":
@@ -249,19 +255,33 @@ class LayerWeights(NamedTuple):
         w_attn, b_attn = _in_out(blk.attn.c_attn), blk.attn.c_attn.bias.clone()
         w_attn[:, :C] *= scale
         b_attn[:C] *= scale
-        return cls(_ln_args(blk.ln_1), w_attn, b_attn, _in_out(blk.attn.c_proj),
-                   blk.attn.c_proj.bias, _ln_args(blk.ln_2), _in_out(blk.mlp.c_fc),
-                   blk.mlp.c_fc.bias, _in_out(blk.mlp.c_proj), blk.mlp.c_proj.bias,
-                   torch.relu_ if blk.mlp.act is F.relu else blk.mlp.act)  # in place: no copy
+        w_proj, b_proj = _in_out(blk.attn.c_proj), blk.attn.c_proj.bias
+        folded = blk.attn.n_head == 1
+        if folded:
+            b_attn[2 * C:] = b_attn[2 * C:] @ w_proj + b_proj
+            w_attn[:, 2 * C:] = w_attn[:, 2 * C:] @ w_proj
+        return cls(_ln_args(blk.ln_1), w_attn, b_attn, w_proj, b_proj, _ln_args(blk.ln_2),
+                   _in_out(blk.mlp.c_fc), blk.mlp.c_fc.bias, _in_out(blk.mlp.c_proj),
+                   blk.mlp.c_proj.bias,
+                   torch.relu_ if blk.mlp.act is F.relu else blk.mlp.act,  # in place: no copy
+                   blk.attn.n_head, folded)
 
     def qkv(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(n, C) block input -> (n, 3C) scaled queries, keys, values (written to `out`)."""
-        return torch.addmm(self.b_attn, F.layer_norm(x, *self.ln_1), self.w_attn, out=out)
+        return torch.addmm(self.b_attn, torch.layer_norm(x, *self.ln_1), self.w_attn, out=out)
 
-    def rest(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Block input x and attention output y (both (n, C)) -> block output."""
-        x = torch.addmm(self.b_proj, y, self.w_proj).add_(x)
-        h = self.act(torch.addmm(self.b_fc, F.layer_norm(x, *self.ln_2), self.w_fc))
+    def attn(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (nq, C) + projected attention of queries q (nq, C) over keys/values (nk, C)."""
+        if self.folded:
+            att = torch.mm(q, k.t()) if mask is None else torch.addmm(mask, q, k.t())
+            return torch.addmm(x, torch.softmax(att, dim=-1), v)
+        y = _attend(q, k, v, self.n_head, mask)
+        return torch.addmm(self.b_proj, y, self.w_proj).add_(x)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """x + MLP(ln_2(x))."""
+        h = self.act(torch.addmm(self.b_fc, torch.layer_norm(x, *self.ln_2), self.w_fc))
         return torch.addmm(self.b_fc2, h, self.w_fc2).add_(x)
 
 
@@ -455,7 +475,7 @@ class DTPolicy(FlatPolicy):
     # --- exact window path
     def _window_step(self, slot: int) -> torch.Tensor:
         gpt = self.model.transformer
-        C, H = gpt.cfg.n_embd, gpt.cfg.n_head
+        C = gpt.cfg.n_embd
         lo, hi = 3 * self.ring.start, 3 * slot + 2  # R̂, s, a, ..., R̂_t, s_t (no a_t yet)
         x = self.model.window_input(self._tok[lo:hi], self._t)
         cached = self.model.position_free
@@ -465,12 +485,12 @@ class DTPolicy(FlatPolicy):
         last = len(layers) - 1
         for i, w in enumerate(layers):
             qkv = self._qkv0[lo:hi] if (i == 0 and cached) else w.qkv(x)
+            k, v = qkv[:, C:2 * C], qkv[:, 2 * C:]
             if i == last:  # only s_t's output is needed: one query against all keys
-                x = x[-1:]
-                y = _attend(qkv[-1:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:], H)
+                x = w.attn(x[-1:], qkv[-1:, :C], k, v)
             else:
-                y = _attend(qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:], H, self._causal(hi - lo))
-            x = w.rest(x, y)
+                x = w.attn(x, qkv[:, :C], k, v, self._causal(hi - lo))
+            x = w.mlp(x)
         return self.model.action_output(_ln(x[-1], gpt.ln_f))
 
     def _causal(self, n: int) -> torch.Tensor:
@@ -482,13 +502,13 @@ class DTPolicy(FlatPolicy):
     def _kv_step(self, slot: int) -> torch.Tensor:
         ring, t = self.ring, self._t
         layers, e = self._pack()
-        C, H = e.time.shape[1], self.model.transformer.cfg.n_head
+        C = e.time.shape[1]
         # tokens R̂_t, s_t (and a_{t-1}, embedded at the end of the last step) before LayerNorm
         pre = self._pre if self._pending_action else self._pre[1:]
         torch.add(e.b_return, e.w_return, alpha=self._rtg_now, out=self._pre[1])
         torch.addmv(e.b_state, e.w_state, self._states[slot], out=self._pre[2])
         self._pre[1:] += e.time[min(t, len(e.time) - 1)]
-        x = F.layer_norm(pre, *e.ln)
+        x = torch.layer_norm(pre, *e.ln)
         first, lo, hi = 3 * slot + 2 - len(pre), 3 * ring.start, 3 * slot + 2
         # R̂_t and s_t must not see timestep t-K (still held for a_{t-1}, which may)
         off = 3 if ring.len == self.context + 1 else 0
@@ -497,16 +517,16 @@ class DTPolicy(FlatPolicy):
         for i, w in enumerate(layers):
             qkv = w.qkv(x, out=self._qkv[i][first:hi])  # (nq, 3C), cached in place
             if i == last:  # only s_t's output is needed
-                x, kv = x[-1:], self._qkv[i][lo + off:hi]
-                y = _attend(qkv[-1:, :C], kv[:, C:2 * C], kv[:, 2 * C:], H)
+                kv = self._qkv[i][lo + off:hi]
+                x = w.attn(x[-1:], qkv[-1:, :C], kv[:, C:2 * C], kv[:, 2 * C:])
             else:
                 kv = self._qkv[i][lo:hi]
-                y = _attend(qkv[:, :C], kv[:, C:2 * C], kv[:, 2 * C:], H, mask)
-            x = w.rest(x, y)
+                x = w.attn(x, qkv[:, :C], kv[:, C:2 * C], kv[:, 2 * C:], mask)
+            x = w.mlp(x)
         self._pending_action = False
         if ring.len == self.context + 1:
             ring.drop()
-        return torch.addmv(e.b_out, e.w_out, F.layer_norm(x[0], *e.ln_f))
+        return torch.addmv(e.b_out, e.w_out, torch.layer_norm(x[0], *e.ln_f))
 
     def _kv_mask(self, nq: int, nk: int, off: int) -> torch.Tensor:
         """(nq, nk) additive: query i is key nk-nq+i; it sees keys up to itself, and R̂_t, s_t
