@@ -210,6 +210,8 @@ def _join_negative_rtg(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.episodes < 1:
+        raise SystemExit("--episodes: must be at least 1")
     rtgs = parse_rtg(args.rtg)
     if args.video:  # mujoco picks its GL backend when first imported
         os.environ.setdefault("MUJOCO_GL", default_gl_backend())

@@ -41,7 +41,8 @@ def test_dt_job_theta_size_and_rank_count_invariance(runs):
 
 def evaluate(*args: str, timeout: float = 240) -> str:
     proc = subprocess.run([sys.executable, "-m", "es_mpi.evaluate", *args], cwd=REPO,
-                          env=mpi_helpers.test_env(), capture_output=True, text=True, timeout=timeout)
+                          env=mpi_helpers.test_env(), capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -71,7 +72,17 @@ def test_evaluate_video_is_a_playable_non_black_mp4(runs, tmp_path):
     assert last.mean() > 20 and last.std() > 10  # a rendered scene, not a black frame
 
 
+def test_evaluate_never_imports_mpi(runs):
+    code = ("import sys; from es_mpi.evaluate import main; "
+            f"assert main([{str(runs / 'n1')!r}, '--episodes', '1']) == 0; "
+            "assert 'mpi4py' not in sys.modules and 'es_mpi.comm' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=mpi_helpers.test_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_evaluate_missing_path_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "es_mpi.evaluate", str(tmp_path / "nope")],
-                          cwd=REPO, env=mpi_helpers.test_env(), capture_output=True, text=True, timeout=60)
+                          cwd=REPO, env=mpi_helpers.test_env(), capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr
