@@ -189,6 +189,16 @@ def test_image_dt_on_ale_frames_equals_full_forward():
     assert max(diffs) < 1e-5
 
 
+def test_image_dt_rejects_normalised_frames():
+    frames = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+    policy = make_policy(PolicyConfig(kind="dt", n_layer=1, n_head=1, context=2), frames,
+                         gym.spaces.Discrete(4), 0)
+    policy.reset()
+    assert policy.act(np.zeros((4, 84, 84), np.uint8)) in range(4)
+    with pytest.raises(ValueError, match="normalize_obs"):
+        policy.act(np.zeros((4, 84, 84), np.float32))
+
+
 def test_image_dt_rejects_kv_cache():
     frames = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
     with pytest.raises(ValueError, match="kv_cache"):

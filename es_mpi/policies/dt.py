@@ -358,6 +358,7 @@ class DTPolicy(FlatPolicy):
         self.context, self.rtg_scale, self.target_return = context, rtg_scale, target_return
         self.inference = inference
         self.finalize()
+        self._frames = obs_uint8
         self._build_buffers(obs_shape, torch.uint8 if obs_uint8 else torch.float32)
         self.reset()
 
@@ -422,6 +423,9 @@ class DTPolicy(FlatPolicy):
 
     def _record(self, slot: int, obs: np.ndarray) -> None:
         """Raw history in the rolling buffers (the action is filled in after it is chosen)."""
+        if self._frames and np.asarray(obs).dtype != np.uint8:
+            raise ValueError("the image DT takes raw uint8 frames (it scales them itself); "
+                             "set env.normalize_obs: false")
         self._np["_rtg"][slot] = self._rtg_now
         self._np["_states"][slot] = np.reshape(obs, self._np["_states"].shape[1:])
         self._np["_actions"][slot] = 0
