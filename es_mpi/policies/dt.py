@@ -377,8 +377,8 @@ class DTPolicy(FlatPolicy):
         # numpy views of the same memory: element writes from numpy are ~3x cheaper
         self._np = {name: getattr(self, name).numpy()
                     for name in ("_rtg", "_states", "_actions", "_timesteps")}
-        if kv:  # keys and values of every block; token embeddings are not needed again
-            # every block's q, k, v per token (q is kept too: the product lands here directly)
+        if kv:  # no token embeddings kept: every block's q, k, v per token (q too, since the
+            # product is written straight into this buffer)
             self._qkv = [ring.add(torch.zeros(3 * cap, 3 * C), 3) for _ in range(gpt.n_layer)]
             self._pre = torch.zeros(3, C)  # a_{t-1}, R̂_t, s_t before LayerNorm
         else:
