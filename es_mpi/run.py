@@ -287,7 +287,7 @@ def _resume_decision(cfg: JobConfig, force: bool) -> tuple:
     diffs = config_differences(saved_text, cfg)
     if diffs and not force:
         return ("refuse", f"{path} was made with a different configuration:\n  "
-                + "\n  ".join(diffs) + f"\nOnly {" and ".join(RESUME_IGNORED_KEYS)} may change on "
+                + "\n  ".join(diffs) + f"\nOnly {' and '.join(RESUME_IGNORED_KEYS)} may change on "
                 "resume. Repeat the original job and overrides, choose a new run.dir, or pass "
                 "--force to resume with the new settings.")
     if diffs:
