@@ -62,13 +62,16 @@ class ResultsWriter:
         n = min(have, keep_rows)
         rows = {name: old[name][:n] if name in old else np.full(n, _fill(dtype), dtype=dtype)
                 for name, (dtype, _, _) in COLUMNS.items()}
-        self._write_fresh(rows, config_text)
-        self.file = h5py.File(self.path, "a", libver=_LIBVER)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        self._write_fresh(tmp, rows, config_text)
+        self.file = h5py.File(tmp, "a", libver=_LIBVER)
         self.grp = self.file["iterations"]
         self.file.swmr_mode = True  # no attribute may be written after this point
+        # Publish only now: a reader never finds the file in its locked, non-SWMR state.
+        os.replace(tmp, self.path)
 
-    def _write_fresh(self, rows: dict[str, np.ndarray], config_text: str) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
+    @staticmethod
+    def _write_fresh(tmp: Path, rows: dict[str, np.ndarray], config_text: str) -> None:
         with h5py.File(tmp, "w", libver=_LIBVER) as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["config"] = config_text
@@ -85,7 +88,6 @@ class ResultsWriter:
                     ds[:] = data
                 ds.attrs["units"] = units
                 ds.attrs["description"] = meaning
-        os.replace(tmp, self.path)
 
     def __len__(self) -> int:
         return int(self.grp["iteration"].shape[0])
