@@ -296,27 +296,32 @@ def _resume_decision(cfg: JobConfig, force: bool) -> tuple:
     return ("resume", state, path)
 
 
-def resume_or_start(cfg: JobConfig, comm, rt: Runtime, force: bool = False):
-    """Collective: the state to continue from, identical on every rank.
+def resume_or_start(cfg: JobConfig, comm, force: bool = False):
+    """Collective: the checkpointed state to continue from (same on every rank), or None.
 
     Rank 0 picks the newest checkpoint in run.dir that passes its checksum (skipping corrupt
     ones with a warning) and checks its config; the state is broadcast, so only rank 0 needs
-    to see run.dir. Without a checkpoint every rank builds the same initial state from
-    run.seed. Raises ResumeRefused on every rank when resuming is refused.
+    to see run.dir. None means start afresh (every rank builds the same initial state from
+    run.seed). Raises ResumeRefused on every rank when resuming is refused. Runs before the
+    runtime (envs, noise table) is built, so a refused or already complete run exits at once.
     """
     decision = _resume_decision(cfg, force) if comm.Get_rank() == 0 else None
     decision = comm.bcast(decision, root=0)
     if decision[0] == "refuse":
         raise ResumeRefused(decision[1])
     if decision[0] == "fresh":
-        return initial_state(rt)
-    state = decision[1]
-    if state.theta.size != rt.policy.num_params:
-        raise ResumeRefused(f"{decision[2]}: theta has {state.theta.size} parameters but the "
-                            f"policy has {rt.policy.num_params}")
+        return None
     if comm.Get_rank() == 0:
-        print(f"es_mpi: resuming from {decision[2]} (iteration {state.iteration})", flush=True)
-    return state
+        print(f"es_mpi: resuming from {decision[2]} (iteration {decision[1].iteration})",
+              flush=True)
+    return decision[1]
+
+
+def check_compatible(state, rt: Runtime) -> None:
+    """A resumed theta must fit the policy (it may not after --force with another policy)."""
+    if state.theta.size != rt.policy.num_params:
+        raise ResumeRefused(f"the checkpoint's theta has {state.theta.size} parameters but "
+                            f"the policy has {rt.policy.num_params}")
 
 
 def rng_info(cfg: JobConfig) -> dict:
@@ -355,19 +360,22 @@ def train(cfg: JobConfig, comm, flag: PreemptionFlag | None = None, force: bool 
     flag = flag or PreemptionFlag()
     is_root = comm.Get_rank() == 0
     run_dir = Path(cfg.run.dir)
-    rt = build_runtime(cfg, comm)
     try:
-        state = resume_or_start(cfg, comm, rt, force)
+        state = resume_or_start(cfg, comm, force)
+        if state is not None and state.iteration >= cfg.run.iterations:
+            if is_root:
+                print(f"es_mpi: {run_dir} is already complete (iteration {state.iteration}, "
+                      f"run.iterations={cfg.run.iterations}); nothing to do", flush=True)
+            return EXIT_OK
+        rt = build_runtime(cfg, comm)
+        if state is None:
+            state = initial_state(rt)
+        check_compatible(state, rt)
     except ResumeRefused as exc:
         if is_root:
             print(f"es_mpi: cannot resume: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
     mpi.check_identical(comm, state.theta, state.iteration - 1)
-    if state.iteration >= cfg.run.iterations:
-        if is_root:
-            print(f"es_mpi: {run_dir} is already complete (iteration {state.iteration}, "
-                  f"run.iterations={cfg.run.iterations}); nothing to do", flush=True)
-        return EXIT_OK
     config_text = cfg.to_yaml()
     writer = None
     if is_root:

@@ -1,6 +1,6 @@
 """End to end under mpiexec: kill -9 and resume, corrupt checkpoints, SIGTERM preemption, SWMR.
 
-Each test launches tiny quickstart jobs (InvertedPendulum, population 40, 1M-value noise table)
+Each test launches tiny quickstart jobs (InvertedPendulum, population 24, 1M-value noise table)
 at 2 ranks; most of each run's few seconds is interpreter start-up.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from es_mpi.run import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(240)]
 
-JOB = ["es.population=40", "run.iterations=6", "run.checkpoint_every=3"]
+POP = "es.population=24"
+JOB = [POP, "run.iterations=6", "run.checkpoint_every=3"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_kill9_of_the_whole_job_then_resume_is_bitwise_equal(reference, tmp_path
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(reference, tmp_path):
     run_dir = tmp_path / "run"
-    first = run_job(2, run_dir, ["es.population=40", "run.iterations=4",
+    first = run_job(2, run_dir, [POP, "run.iterations=4",
                                  "run.checkpoint_every=2"])
     assert first.returncode == 0, first.stderr
     newest = checkpoint_path(run_dir, 4)
@@ -81,7 +82,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(reference, tmp_pat
         fh.seek(offset + 17)
         fh.write(bytes([b ^ 0x10]))
 
-    resumed = run_job(2, run_dir, ["es.population=40", "run.iterations=6",
+    resumed = run_job(2, run_dir, [POP, "run.iterations=6",
                                    "run.checkpoint_every=2"])
     assert resumed.returncode == 0, resumed.stderr
     assert "skipping corrupt checkpoint" in resumed.stderr and "ckpt_000004.h5" in resumed.stderr
@@ -106,7 +107,7 @@ def test_resume_with_a_different_config_is_refused_unless_forced(reference, tmp_
 
 def test_sigterm_to_one_rank_checkpoints_exits_3_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    job = ["es.population=40", "run.iterations=200", "run.checkpoint_every=1000"]
+    job = [POP, "run.iterations=200", "run.checkpoint_every=1000"]
     proc = start_job(2, run_dir, job)
     try:
         assert wait_for(lambda: n_rows(run_dir / "results.h5") >= 2, 120, 0.05, proc)
@@ -130,7 +131,7 @@ def test_sigterm_to_one_rank_checkpoints_exits_3_and_resumes(tmp_path):
 
 def test_sigusr1_to_mpiexec_is_forwarded_and_preempts(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start_job(2, run_dir, ["es.population=40", "run.iterations=200",
+    proc = start_job(2, run_dir, [POP, "run.iterations=200",
                                    "run.checkpoint_every=1000"])
     try:
         assert wait_for(lambda: n_rows(run_dir / "results.h5") >= 1, 120, 0.05, proc)
@@ -176,7 +177,7 @@ def test_signal_while_blocked_in_mpi_is_seen_at_the_next_boundary():
 def test_swmr_reader_polling_a_live_run_never_errors(tmp_path):
     run_dir = tmp_path / "run"
     results = run_dir / "results.h5"
-    proc = start_job(2, run_dir, ["es.population=40", "run.iterations=12"])
+    proc = start_job(2, run_dir, ["es.population=16", "run.iterations=12"])
     seen, polls, snapshots = [], 0, []
     try:
         deadline = time.monotonic() + 180
@@ -191,7 +192,7 @@ def test_swmr_reader_polling_a_live_run_never_errors(tmp_path):
                 if n and (not snapshots or snapshots[-1][0] < n):
                     snapshots.append((n, cols))
                 polls += 1
-            time.sleep(0.005)
+            time.sleep(0.02)
         proc.communicate(timeout=60)
     finally:
         kill_job(proc)
