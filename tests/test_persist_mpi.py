@@ -82,7 +82,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(reference, tmp_pat
         fh.seek(offset + 17)
         fh.write(bytes([b ^ 0x10]))
 
-    resumed = run_job(2, run_dir, [POP, "run.iterations=6",
+    # resumed at 3 ranks: the rank count is not part of the state (theta is rank-invariant)
+    resumed = run_job(3, run_dir, [POP, "run.iterations=6",
                                    "run.checkpoint_every=2"])
     assert resumed.returncode == 0, resumed.stderr
     assert "skipping corrupt checkpoint" in resumed.stderr and "ckpt_000004.h5" in resumed.stderr
