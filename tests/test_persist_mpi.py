@@ -179,6 +179,8 @@ def test_swmr_reader_polling_a_live_run_never_errors(tmp_path):
     run_dir = tmp_path / "run"
     results = run_dir / "results.h5"
     proc = start_job(2, run_dir, ["es.population=16", "run.iterations=12"])
+    from es_mpi import inspect
+    live_plot = tmp_path / "live.png"
     seen, polls, snapshots = [], 0, []
     try:
         deadline = time.monotonic() + 180
@@ -192,6 +194,8 @@ def test_swmr_reader_polling_a_live_run_never_errors(tmp_path):
                 seen.append(n)
                 if n and (not snapshots or snapshots[-1][0] < n):
                     snapshots.append((n, cols))
+                if n >= 3 and not live_plot.exists():  # the CLI on the running job
+                    assert inspect.main([str(run_dir), "--plot", str(live_plot)]) == 0
                 polls += 1
             time.sleep(0.02)
         proc.communicate(timeout=60)
@@ -204,5 +208,5 @@ def test_swmr_reader_polling_a_live_run_never_errors(tmp_path):
     for n, cols in snapshots:  # committed rows never change afterwards
         for k, v in cols.items():
             assert v.tobytes() == final[k][:n].tobytes(), k
-    from es_mpi import inspect  # the CLI works on the finished file too
-    assert inspect.main([str(run_dir)]) == 0
+    assert live_plot.exists()
+    assert inspect.main([str(run_dir)]) == 0  # and on the finished file

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -267,3 +268,20 @@ def test_preemption_flag_only_sets_a_flag():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@pytest.mark.skipif(shutil.which("h5dump") is None, reason="h5dump (hdf5-tools) not installed")
+def test_h5dump_reads_results_and_checkpoints(tmp_path):
+    """The files use the HDF5 1.10 format, so the 1.10 command-line tools read them."""
+    w = ResultsWriter(tmp_path / "results.h5", config_text=CONFIG)
+    for i in range(3):
+        w.append(fake_row(i))
+    w.close()
+    out = subprocess.run(["h5dump", "-d", "iterations/timesteps", str(tmp_path / "results.h5")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "(0): 100, 200, 300" in out.stdout
+    path = save_checkpoint(checkpoint_path(tmp_path, 3), make_state(3), CONFIG)
+    out = subprocess.run(["h5dump", "-a", "iteration", str(path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "(0): 3" in out.stdout, out.stdout + out.stderr
