@@ -54,14 +54,26 @@ class ResultsWriter:
     def __init__(self, path: str | Path, keep_rows: int = 0, config_text: str = "",
                  warn=print):
         self.path = Path(path)
-        old = read_results(self.path) if keep_rows and self.path.exists() else {}
+        old = {}
+        if keep_rows and self.path.exists():
+            try:
+                old = read_results(self.path)
+            except (OSError, KeyError) as exc:  # not HDF5 / no iterations group: keep it aside
+                aside = self.path.with_name(self.path.name + ".unreadable")
+                os.replace(self.path, aside)
+                warn(f"es_mpi: WARNING: cannot read {self.path} ({exc}); moved it to {aside}")
         have = len(old.get("iteration", ()))
         if have < keep_rows:
             warn(f"es_mpi: WARNING: {self.path} holds {have} rows, fewer than the "
-                 f"{keep_rows} iterations being resumed; the missing rows cannot be recovered")
-        n = min(have, keep_rows)
-        rows = {name: old[name][:n] if name in old else np.full(n, _fill(dtype), dtype=dtype)
-                for name, (dtype, _, _) in COLUMNS.items()}
+                 f"{keep_rows} iterations being resumed; the missing rows cannot be recovered "
+                 "and are filled with NaN / -1")
+        rows = {}
+        for name, (dtype, _, _) in COLUMNS.items():
+            col = np.full(keep_rows, _fill(dtype), dtype=dtype)
+            if name in old:
+                col[:min(have, keep_rows)] = old[name][:keep_rows]
+            rows[name] = col
+        rows["iteration"] = np.arange(keep_rows, dtype=np.int64)  # rows stay indexed by t
         tmp = self.path.with_name(self.path.name + ".tmp")
         self._write_fresh(tmp, rows, config_text)
         self.file = h5py.File(tmp, "a", libver=_LIBVER)

@@ -333,16 +333,25 @@ def rng_info(cfg: JobConfig) -> dict:
                 noise_table_size=cfg.es.noise_table_size)
 
 
+def write_checkpoint(cfg: JobConfig, state) -> Path:
+    """Rank 0: checkpoint `state`, then keep only the newest run.keep_checkpoints."""
+    from .checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
+
+    path = save_checkpoint(checkpoint_path(cfg.run.dir, state.iteration), state, cfg.to_yaml(),
+                           rng_info(cfg))
+    prune_checkpoints(cfg.run.dir, cfg.run.keep_checkpoints)
+    return path
+
+
 def _preempted(cfg: JobConfig, comm, flag: PreemptionFlag, state, saved: bool) -> int:
     """All ranks: rank 0 checkpoints (unless this iteration is saved already); exit code 3."""
-    from .checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
+    from .checkpoint import checkpoint_path
 
     signalled = comm.gather(flag.signum, root=0)
     if comm.Get_rank() == 0:
         path = checkpoint_path(cfg.run.dir, state.iteration)
         if not saved and state.iteration > 0:
-            save_checkpoint(path, state, cfg.to_yaml(), rng_info(cfg))
-            prune_checkpoints(cfg.run.dir, cfg.run.keep_checkpoints)
+            write_checkpoint(cfg, state)
         who = ", ".join(f"rank {r}: {signal.Signals(s).name}"
                         for r, s in enumerate(signalled) if s is not None)
         print(f"es_mpi: preempted ({who}) after iteration {state.iteration}; checkpoint "
@@ -352,41 +361,52 @@ def _preempted(cfg: JobConfig, comm, flag: PreemptionFlag, state, saved: bool) -
     return EXIT_PREEMPTED
 
 
-def train(cfg: JobConfig, comm, flag: PreemptionFlag | None = None, force: bool = False) -> int:
-    from . import comm as mpi
-    from .checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
-    from .results import ResultsWriter
-
-    flag = flag or PreemptionFlag()
+def start(cfg: JobConfig, comm, force: bool = False) -> tuple:
+    """Collective: (state, runtime, None) to train from, or (None, None, exit code) to stop."""
     is_root = comm.Get_rank() == 0
-    run_dir = Path(cfg.run.dir)
     try:
         state = resume_or_start(cfg, comm, force)
         if state is not None and state.iteration >= cfg.run.iterations:
             if is_root:
-                print(f"es_mpi: {run_dir} is already complete (iteration {state.iteration}, "
+                print(f"es_mpi: {cfg.run.dir} is already complete (iteration {state.iteration}, "
                       f"run.iterations={cfg.run.iterations}); nothing to do", flush=True)
-            return EXIT_OK
+            return None, None, EXIT_OK
         rt = build_runtime(cfg, comm)
-        if state is None:
-            state = initial_state(rt)
+        state = initial_state(rt) if state is None else state
         check_compatible(state, rt)
     except ResumeRefused as exc:
         if is_root:
             print(f"es_mpi: cannot resume: {exc}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG_ERROR
+        return None, None, EXIT_CONFIG_ERROR
+    return state, rt, None
+
+
+def open_results(cfg: JobConfig, state, comm, rt: Runtime):
+    """Rank 0: write config.yaml, open results.h5 keeping the rows before `state.iteration`."""
+    from .results import ResultsWriter
+
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    writer = ResultsWriter(run_dir / "results.h5", keep_rows=state.iteration,
+                           config_text=cfg.to_yaml(),
+                           warn=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
+          f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
+          f"run dir {run_dir}", flush=True)
+    return writer
+
+
+def train(cfg: JobConfig, comm, flag: PreemptionFlag | None = None, force: bool = False) -> int:
+    from . import comm as mpi
+
+    flag = flag or PreemptionFlag()
+    is_root = comm.Get_rank() == 0
+    state, rt, code = start(cfg, comm, force)
+    if code is not None:
+        return code
     mpi.check_identical(comm, state.theta, state.iteration - 1)
-    config_text = cfg.to_yaml()
-    writer = None
-    if is_root:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_text)
-        writer = ResultsWriter(run_dir / "results.h5", keep_rows=state.iteration,
-                               config_text=config_text,
-                               warn=lambda m: print(m, file=sys.stderr, flush=True))
-        print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
-              f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
-              f"run dir {run_dir}", flush=True)
+    writer = open_results(cfg, state, comm, rt) if is_root else None
     saved = True  # the state we start from is a checkpoint (or the initial state)
     try:
         while state.iteration < cfg.run.iterations:
@@ -402,9 +422,7 @@ def train(cfg: JobConfig, comm, flag: PreemptionFlag | None = None, force: bool 
             if (state.iteration % cfg.run.checkpoint_every == 0
                     or state.iteration == cfg.run.iterations):
                 if is_root:
-                    save_checkpoint(checkpoint_path(run_dir, state.iteration), state,
-                                    config_text, rng_info(cfg))
-                    prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
+                    write_checkpoint(cfg, state)
                 saved = True
     finally:
         if writer is not None:

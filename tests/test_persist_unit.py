@@ -285,3 +285,18 @@ def test_h5dump_reads_results_and_checkpoints(tmp_path):
     out = subprocess.run(["h5dump", "-a", "iteration", str(path)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "(0): 3" in out.stdout, out.stdout + out.stderr
+
+
+def test_unreadable_results_file_is_moved_aside_on_resume(tmp_path):
+    path = tmp_path / "results.h5"
+    path.write_bytes(b"garbage, not HDF5")
+    warnings: list[str] = []
+    w = ResultsWriter(path, keep_rows=3, warn=warnings.append)
+    w.append(fake_row(3))  # rows 0..2 are lost, but the run goes on
+    w.close()
+    assert (tmp_path / "results.h5.unreadable").read_bytes() == b"garbage, not HDF5"
+    assert "cannot read" in warnings[0] and "fewer than the 3 iterations" in warnings[1]
+    cols = read_results(path)  # lost rows are kept as placeholders: row i is iteration i
+    np.testing.assert_array_equal(cols["iteration"], np.arange(4))
+    assert np.isnan(cols["eval_return"][:3]).all() and (cols["timesteps"][:3] == -1).all()
+    assert cols["eval_return"][3] == fake_row(3)["eval_return"]
