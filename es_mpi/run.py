@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from .config import ConfigError, JobConfig, load_job  # noqa: E402
 
 EXIT_CONFIG_ERROR = 2
+EXIT_LAUNCHER_ERROR = 4  # SLURM started N>1 tasks but each got its own one-rank MPI world
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -212,11 +213,43 @@ def train(cfg: JobConfig, comm) -> int:
     return 0
 
 
+def launcher_mismatch(env: dict, world_size: int) -> str | None:
+    """Why this launch is wrong, or None: SLURM says N>1 tasks but our MPI world has one rank.
+
+    That is what plain `srun` without a PMI plugin does: N independent singletons that would
+    each train the same run and write the same files.
+    """
+    var = next((v for v in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if env.get(v)), None)
+    if var is None or world_size != 1 or env.get("ES_ALLOW_SINGLETON") == "1":
+        return None
+    try:
+        tasks = int(env[var])
+    except ValueError:
+        return None
+    if tasks <= 1:
+        return None
+    return (f"SLURM started {tasks} tasks ({var}={tasks}) but this MPI world has 1 rank, so "
+            f"each task would train the same run alone. Launch one MPI world: "
+            f"`srun --mpi=pmi2` (or --mpi=pmix, whichever your MPI supports) or "
+            f"`mpiexec -n $SLURM_NTASKS` inside the allocation; in slurm/*.sh set ES_LAUNCHER. "
+            f"Set ES_ALLOW_SINGLETON=1 to run one rank on purpose.")
+
+
+def check_launcher(comm) -> bool:
+    """False (after printing why, once) if the launch gave us a one-rank world by mistake."""
+    problem = launcher_mismatch(os.environ, comm.Get_size())
+    if problem and os.environ.get("SLURM_PROCID", "0") == "0":
+        print(f"es_mpi: launcher error: {problem}", file=sys.stderr, flush=True)
+    return problem is None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from . import comm as mpi
 
     comm = mpi.world()
+    if not check_launcher(comm):
+        return EXIT_LAUNCHER_ERROR
     cfg = load_config_everywhere(comm, args)
     if cfg is None:
         return EXIT_CONFIG_ERROR
