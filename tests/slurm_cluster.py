@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import signal
 import socket
 import subprocess
@@ -59,7 +60,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 class SlurmUnavailable(RuntimeError):
-    """This machine cannot run a local SLURM (not root, no apt, install failed)."""
+    """This machine cannot run a local SLURM (not root, no apt, install failed): skip."""
+
+
+class SlurmStartError(RuntimeError):
+    """SLURM is installed but did not come up: a real failure, not a reason to skip."""
 
 
 def _free_port() -> int:
@@ -229,7 +234,7 @@ class SlurmCluster:
                     capture_output=True).returncode == 0:
                 return
             if self.procs["munged"].poll() is not None or time.monotonic() > deadline:
-                raise SlurmUnavailable("munged did not start: " + self._tail("munged"))
+                raise SlurmStartError("munged did not start: " + self._tail("munged"))
             time.sleep(0.1)
 
     def _write_conf(self) -> None:
@@ -242,12 +247,12 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             for name in ("slurmctld", "slurmd"):
                 if self.procs[name].poll() is not None:
-                    raise SlurmUnavailable(f"{name} exited: " + self._tail(name))
+                    raise SlurmStartError(f"{name} exited: " + self._tail(name))
             state = self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
             if state == "idle":
                 return
             time.sleep(0.25)
-        raise SlurmUnavailable(f"node not idle after {timeout:.0f}s\n" + self.logs())
+        raise SlurmStartError(f"node not idle after {timeout:.0f}s\n" + self.logs())
 
     def _wait_queue_empty(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -272,6 +277,25 @@ def start_or_skip_reason(cpus: int | None = None) -> tuple[SlurmCluster | None, 
         return cluster.start(), ""
     except SlurmUnavailable as exc:
         return None, str(exc)
+
+
+try:
+    import pytest
+except ImportError:  # the module also runs by hand, without pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="module")
+    def slurm_cluster():
+        """A running local SLURM for this test module; skips (saying why) where impossible."""
+        cluster, why = start_or_skip_reason()
+        if cluster is None:
+            print(f"\nSLURM tests skipped: {why}", file=sys.stderr)
+            pytest.skip(f"no local SLURM: {why}")
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 def _interrupt(signum, frame):
