@@ -133,13 +133,13 @@ def test_preempted_task_requeues_resumes_bitwise(slurm_cluster, tmp_path: Path) 
     """USR1 to the batch shell of the array's last task (whose SLURM_JOB_ID is the array's id)
     mid-run: the ranks checkpoint and exit 3, the task alone is requeued, resumes, and ends
     with the theta of an uninterrupted run; every iteration is in results.h5 once."""
-    iters, seed = 60, 1
+    iters, seed = 30, 1
     overrides = TINY + f" run.iterations={iters} run.checkpoint_every=7"
     env = job_env(tmp_path, ES_OVERRIDES=overrides, ES_LAUNCHER="mpiexec")
     job = submit(slurm_cluster, tmp_path, env, "--ntasks=2", "--array=0-1")
     log = tmp_path / f"humanoid_mlp_{seed}.log"
     deadline = time.monotonic() + 150
-    while not (log.exists() and re.search(r"^iter\s+(1[0-9])\b", log.read_text(), re.M)):
+    while not (log.exists() and re.search(r"^iter\s+[5-9]\b", log.read_text(), re.M)):
         assert time.monotonic() < deadline, fail_info(slurm_cluster, tmp_path)
         time.sleep(0.1)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", f"{job}_{seed}")
@@ -188,3 +188,29 @@ def test_plain_srun_without_pmi_is_refused(slurm_cluster, tmp_path: Path) -> Non
     assert log.count("es_mpi: launcher error") == 1, "the message should be printed once"
     assert not re.search(r"^iter\s", log, re.M) and not (tmp_path / "runs").exists(), log
     assert elapsed < 60, f"took {elapsed:.0f}s to fail"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_resubmitting_the_script_continues_each_seed(slurm_cluster, tmp_path: Path) -> None:
+    """Run dirs are keyed by seed, not job id: a second `sbatch` of the same script (new array
+    job id, longer run) continues both seeds where the first submission left them."""
+    def submit_and_wait(iters: int) -> dict[int, dict]:
+        env = job_env(tmp_path, ES_OVERRIDES=TINY + f" run.iterations={iters}",
+                      ES_LAUNCHER="mpiexec")
+        job = submit(slurm_cluster, tmp_path, env, "--ntasks=1", "--array=0-1")
+        return by_task(slurm_cluster.wait_done(job, 150))
+
+    first, second = submit_and_wait(3), submit_and_wait(5)
+    info = fail_info(slurm_cluster, tmp_path)
+    for i in (0, 1):
+        for rec in (first[i], second[i]):
+            assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", info
+        assert first[i]["ArrayJobId"] != second[i]["ArrayJobId"]
+        run_dir = tmp_path / "runs" / f"seed{i}"
+        assert iterations(run_dir).tolist() == [0, 1, 2, 3, 4], info
+        log = (tmp_path / f"humanoid_mlp_{i}.log").read_text()
+        assert log.count(f"seed {i} in {run_dir}") == 2, "log not appended:\n" + log
+        assert re.search(r"^iter\s+2\b(.|\n)*resuming from(.|\n)*^iter\s+3\b", log, re.M), log
+        assert not re.search(r"^iter\s+[0-2]\b", log[log.index("resuming from"):], re.M), \
+            "the second submission recomputed finished iterations:\n" + log
