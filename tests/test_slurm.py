@@ -129,13 +129,16 @@ def test_array_of_two_seeds_completes(slurm_cluster, tmp_path: Path) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
-def test_preempted_task_requeues_resumes_bitwise(slurm_cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["mpiexec", "srun"])
+def test_preempted_task_requeues_resumes_bitwise(slurm_cluster, tmp_path: Path,
+                                                 launcher: str) -> None:
     """USR1 to the batch shell of the array's last task (whose SLURM_JOB_ID is the array's id)
-    mid-run: the ranks checkpoint and exit 3, the task alone is requeued, resumes, and ends
-    with the theta of an uninterrupted run; every iteration is in results.h5 once."""
+    mid-run: the template forwards it through the launcher, the ranks checkpoint and exit 3,
+    the task alone is requeued, resumes, and ends with the theta of an uninterrupted run;
+    every iteration is in results.h5 once."""
     iters, seed = 30, 1
-    overrides = TINY + f" run.iterations={iters} run.checkpoint_every=7"
-    env = job_env(tmp_path, ES_OVERRIDES=overrides, ES_LAUNCHER="mpiexec")
+    overrides = TINY + f" run.iterations={iters} run.checkpoint_every=10"
+    env = job_env(tmp_path, ES_OVERRIDES=overrides, ES_LAUNCHER=launcher)
     job = submit(slurm_cluster, tmp_path, env, "--ntasks=2", "--array=0-1")
     log = tmp_path / f"humanoid_mlp_{seed}.log"
     deadline = time.monotonic() + 150
