@@ -20,6 +20,7 @@
 # 2 bad job/overrides, 3 preempted (checkpoint written; requeue), 4 launcher gave one-rank
 # worlds (see ES_LAUNCHER / ES_SRUN_MPI). Anything else is a crash.
 
+EXIT_CONFIG_ERROR=2
 EXIT_PREEMPTED=3
 EXIT_LAUNCHER_ERROR=4
 
@@ -74,6 +75,10 @@ es_finish() {
     fi
     if [[ $rc == "$EXIT_LAUNCHER_ERROR" ]]; then
         es_log "exit $rc: the ranks did not form one MPI world; set ES_LAUNCHER or ES_SRUN_MPI"
+        exit "$rc"
+    fi
+    if [[ $rc == "$EXIT_CONFIG_ERROR" ]]; then
+        es_log "exit $rc: bad job file or overrides, or a resume was refused (see above)"
         exit "$rc"
     fi
     # 3 = checkpointed after a signal; after our own signal any death means "resume from the
