@@ -54,6 +54,7 @@ es_run() {
     # pass USR1 on to the launcher, which forwards it to every rank; they checkpoint and exit 3
     trap 'ES_SIGNALS=$((ES_SIGNALS + 1)); es_log "signal received, asking the ranks to checkpoint";
           [[ -n $ES_CHILD ]] && kill -USR1 "$ES_CHILD" 2>/dev/null' USR1 TERM
+    ES_CKPT_BEFORE=$(es_newest_checkpoint)
     "$@" &
     ES_CHILD=$!
     (( ES_SIGNALS )) && kill -USR1 "$ES_CHILD" 2>/dev/null  # a signal came before $! was set
@@ -65,6 +66,12 @@ es_run() {
     done
     trap - USR1 TERM
     es_finish "$rc"
+}
+
+es_newest_checkpoint() {
+    local newest=
+    for f in "$RUN_DIR"/checkpoints/ckpt_*.h5; do [[ -e $f ]] && newest=$f; done  # sorted
+    echo "$newest"
 }
 
 es_finish() {
@@ -84,6 +91,13 @@ es_finish() {
     # 3 = checkpointed after a signal; after our own signal any death means "resume from the
     # newest checkpoint" (the ranks may have been killed before they could install handlers)
     if [[ $rc == "$EXIT_PREEMPTED" ]] || (( ES_SIGNALS )); then
+        if [[ $(es_newest_checkpoint) == "$ES_CKPT_BEFORE" ]]; then
+            # nothing to continue from: requeueing would only repeat this (e.g. a --time
+            # shorter than the --signal lead time sends the signal at once, every time)
+            es_log "exit $rc before any new checkpoint: not requeueing. Is the --signal lead" \
+                "time longer than --time (or than one iteration)? Submit again to resume."
+            exit "$rc"
+        fi
         if (( restarts >= ${ES_MAX_REQUEUE:-50} )); then
             es_log "exit $rc after $restarts restarts (ES_MAX_REQUEUE): not requeueing"
             exit "$rc"
