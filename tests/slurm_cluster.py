@@ -94,9 +94,10 @@ def ensure_installed() -> None:
 class SlurmCluster:
     """One node (`localhost`) with `cpus` CPUs and one partition (`debug`)."""
 
-    def __init__(self, cpus: int | None = None) -> None:
+    def __init__(self, cpus: int | None = None, parent: str = "/tmp") -> None:
         self.cpus = cpus or os.cpu_count() or 1
-        self.root = Path(tempfile.mkdtemp(prefix="esslurm-", dir="/tmp"))  # short: socket paths
+        # a short path: unix socket paths live under it
+        self.root = Path(tempfile.mkdtemp(prefix="esslurm-", dir=parent))
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -270,9 +271,10 @@ class SlurmCluster:
         return "\n".join(texts)
 
 
-def start_or_skip_reason(cpus: int | None = None) -> tuple[SlurmCluster | None, str]:
+def start_or_skip_reason(cpus: int | None = None,
+                         parent: str = "/tmp") -> tuple[SlurmCluster | None, str]:
     """Start a cluster, or return (None, why not) when this machine cannot run one."""
-    cluster = SlurmCluster(cpus)
+    cluster = SlurmCluster(cpus, parent)
     try:
         return cluster.start(), ""
     except SlurmUnavailable as exc:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from es_mpi.run import launcher_mismatch
+import slurm_cluster as cluster_module
 from slurm_cluster import slurm_cluster  # noqa: F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +68,13 @@ def test_launcher_mismatch(env: dict, size: int, refused: bool) -> None:
     assert (msg is not None) == refused
     if refused:
         assert "srun --mpi=pmi2" in msg and "mpiexec" in msg
+
+
+def test_cluster_skips_with_a_reason_when_not_root(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    cluster, why = cluster_module.start_or_skip_reason(parent=str(tmp_path))
+    assert cluster is None and "root" in why
+    assert not list(tmp_path.iterdir()), "the temporary directory was left behind"
 
 
 # --- on a real SLURM
