@@ -25,6 +25,7 @@ from .config import ConfigError, JobConfig, load_job  # noqa: E402
 EXIT_OK = 0  # finished: run.iterations done (also when it was already done at start)
 EXIT_CONFIG_ERROR = 2  # bad job/overrides, or resume refused (config differs, no valid ckpt)
 EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1: checkpoint written; run the same command to resume
+EXIT_LAUNCHER_ERROR = 4  # SLURM started N>1 tasks but each got its own one-rank MPI world
 
 # Keys that may differ between a checkpoint's config and the resuming command's: extending a
 # run (run.iterations) and moving its directory (run.dir: the checkpoint was found there, so
@@ -45,6 +46,8 @@ Exit codes:
   {EXIT_PREEMPTED}  preempted: SIGTERM or SIGUSR1 reached at least one rank (MPICH's mpiexec
      forwards both to every rank); at the next iteration boundary all ranks agreed, rank 0
      wrote a checkpoint and every rank exited {EXIT_PREEMPTED}. Re-run the same command to resume.
+  {EXIT_LAUNCHER_ERROR}  launcher error: SLURM started N>1 tasks but this MPI world has one rank
+     (plain `srun` without a PMI plugin); nothing was trained
   1  any other failure (the whole job is aborted)
 """
 
@@ -447,12 +450,44 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
     return EXIT_OK
 
 
+def launcher_mismatch(env: dict, world_size: int) -> str | None:
+    """Why this launch is wrong, or None: SLURM says N>1 tasks but our MPI world has one rank.
+
+    That is what plain `srun` without a PMI plugin does: N independent singletons that would
+    each train the same run and write the same files.
+    """
+    var = next((v for v in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if env.get(v)), None)
+    if var is None or world_size != 1 or env.get("ES_ALLOW_SINGLETON") == "1":
+        return None
+    try:
+        tasks = int(env[var])
+    except ValueError:
+        return None
+    if tasks <= 1:
+        return None
+    return (f"SLURM started {tasks} tasks ({var}={tasks}) but this MPI world has 1 rank, so "
+            f"each task would train the same run alone. Launch one MPI world: "
+            f"`srun --mpi=pmi2` (or --mpi=pmix, whichever your MPI supports) or "
+            f"`mpiexec -n $SLURM_NTASKS` inside the allocation; in slurm/*.sh set ES_LAUNCHER. "
+            f"Set ES_ALLOW_SINGLETON=1 to run one rank on purpose.")
+
+
+def check_launcher(comm) -> bool:
+    """False (after printing why, once) if the launch gave us a one-rank world by mistake."""
+    problem = launcher_mismatch(os.environ, comm.Get_size())
+    if problem and os.environ.get("SLURM_PROCID", "0") == "0":
+        print(f"es_mpi: launcher error: {problem}", file=sys.stderr, flush=True)
+    return problem is None
+
+
 def main(argv: list[str] | None = None) -> int:
     flag = PreemptionFlag().install()  # first: a signal during start-up must not kill us
     args = parse_args(argv)
     from . import comm as mpi
 
     comm = mpi.world()
+    if not check_launcher(comm):
+        return EXIT_LAUNCHER_ERROR
     cfg = agree(comm, load_job, args.job, args.overrides)
     built = cfg and agree(comm, build_env_and_policy, cfg)
     if not built:
