@@ -1,14 +1,37 @@
-"""Checkpoints: HDF5 files with `theta` and everything needed to resume (rank 0 writes)."""
+"""Checkpoints: HDF5 files with `theta` and everything needed to resume bitwise (rank 0 writes).
+
+A checkpoint is written to a temporary file, flushed, fsynced and renamed, and carries a
+blake2b checksum over every dataset and attribute it holds, so a torn or bit-rotted file is
+recognised on load and skipped in favour of an older one. The layout is public:
+docs/results-format.md.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
+import re
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
 
 from .es import ObsStats, OptimizerState
+
+FORMAT_VERSION = 1
+CHECKSUM_ALGORITHM = "blake2b-256 over sorted (path, dtype, shape, bytes) of datasets and attrs"
+_CKPT_RE = re.compile(r"^ckpt_(\d{6,})\.h5$")
+# Libraries whose version is recorded in every checkpoint (read from package metadata, so
+# mpi4py is never imported here).
+_VERSIONED = ("es_mpi", "numpy", "h5py", "torch", "gymnasium", "mujoco", "ale-py", "mpi4py",
+              "pyyaml")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: unreadable, incomplete, or its checksum does not match."""
 
 
 @dataclass
@@ -32,50 +55,188 @@ def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"ckpt_{iteration:06d}.h5"
 
 
-def save_checkpoint(path: str | Path, state: TrainState, config_text: str) -> Path:
-    """Write to a temporary file, flush, fsync, then rename: never a half-written checkpoint."""
+def library_versions() -> dict[str, str]:
+    """Versions of Python, HDF5 and the libraries that shape the numbers (for provenance)."""
+    out = {"python": platform.python_version(), "hdf5": h5py.version.hdf5_version}
+    for name in _VERSIONED:
+        try:
+            out[name.replace("-", "_")] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            if name == "es_mpi":  # run from a source tree, not installed
+                from . import __version__
+                out[name] = __version__
+            else:
+                out[name.replace("-", "_")] = "not installed"
+    return out
+
+
+def _attr_bytes(value) -> bytes:
+    if isinstance(value, str):
+        return b"str:" + value.encode("utf-8")
+    if isinstance(value, bytes):
+        return b"bytes:" + value
+    arr = np.asarray(value)
+    return arr.dtype.str.encode() + str(arr.shape).encode() + arr.tobytes()
+
+
+def content_digest(f: h5py.File) -> str:
+    """blake2b over every dataset and attribute (except the root `checksum` itself).
+
+    Objects are visited in sorted path order and each contributes its path, dtype, shape and
+    raw bytes, so the digest depends on the content only, not on HDF5's on-disk layout.
+    """
+    items: list[tuple[str, bytes]] = []
+
+    def add_attrs(path: str, obj) -> None:
+        for key in sorted(obj.attrs):
+            if path == "/" and key == "checksum":
+                continue
+            items.append((f"{path}@{key}", _attr_bytes(obj.attrs[key])))
+
+    add_attrs("/", f)
+
+    def visit(name: str, obj) -> None:
+        add_attrs("/" + name, obj)
+        if isinstance(obj, h5py.Dataset):
+            data = np.ascontiguousarray(obj[()])
+            items.append(("/" + name, data.dtype.str.encode() + str(data.shape).encode()
+                          + data.tobytes()))
+        else:
+            items.append(("/" + name, b"group"))
+
+    f.visititems(visit)
+    h = hashlib.blake2b(digest_size=32)
+    for path, blob in sorted(items):
+        h.update(path.encode() + b"\0" + len(blob).to_bytes(8, "little") + blob)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
+                    rng: dict | None = None) -> Path:
+    """Write to a temporary file, flush, fsync, then rename: never a half-written checkpoint.
+
+    `rng` (optional) records how randomness is derived (seeds), for readers; resuming needs
+    no generator state because every draw is a function of (run.seed, iteration, j).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".h5.tmp")
-    with h5py.File(tmp, "w") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
         f.create_dataset("theta", data=state.theta.astype(np.float32))
-        f.attrs["iteration"] = state.iteration
-        f.attrs["timesteps"] = state.timesteps
-        f.attrs["episodes"] = state.episodes
-        f.attrs["wall_seconds"] = state.wall_seconds
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["iteration"] = np.int64(state.iteration)
+        f.attrs["timesteps"] = np.int64(state.timesteps)
+        f.attrs["episodes"] = np.int64(state.episodes)
+        f.attrs["wall_seconds"] = np.float64(state.wall_seconds)
         f.attrs["config"] = config_text
         opt = f.create_group("optimizer")
-        opt.attrs["step"] = state.opt.step
-        opt.create_dataset("m", data=state.opt.m)
-        opt.create_dataset("v", data=state.opt.v)
+        opt.attrs["step"] = np.int64(state.opt.step)
+        opt.create_dataset("m", data=np.asarray(state.opt.m, dtype=np.float64))
+        opt.create_dataset("v", data=np.asarray(state.opt.v, dtype=np.float64))
         obs = f.create_group("obs_stats")
-        obs.create_dataset("sum", data=state.obs_stats.sum)
-        obs.create_dataset("sumsq", data=state.obs_stats.sumsq)
-        obs.attrs["count"] = state.obs_stats.count
+        obs.create_dataset("sum", data=np.asarray(state.obs_stats.sum, dtype=np.float64))
+        obs.create_dataset("sumsq", data=np.asarray(state.obs_stats.sumsq, dtype=np.float64))
+        obs.attrs["count"] = np.float64(state.obs_stats.count)
         f.create_dataset("prev_lengths", data=state.prev_lengths.astype(np.int64))
         extras = f.create_group("extras")
         for name, value in state.extras.items():
             extras.create_dataset(name, data=value)
+        rng_grp = f.create_group("rng")
+        for key, value in (rng or {}).items():
+            rng_grp.attrs[key] = value
+        versions = f.create_group("versions")
+        for key, value in library_versions().items():
+            versions.attrs[key] = value
+        f.attrs["checksum_algorithm"] = CHECKSUM_ALGORITHM
+        f.attrs["checksum"] = content_digest(f)
         f.flush()
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[TrainState, str]:
-    """Read a checkpoint back: (state, resolved config text)."""
-    with h5py.File(path, "r") as f:
-        opt, obs = f["optimizer"], f["obs_stats"]
-        state = TrainState(
-            iteration=int(f.attrs["iteration"]),
-            theta=f["theta"][()],
-            opt=OptimizerState(int(opt.attrs["step"]), opt["m"][()], opt["v"][()]),
-            obs_stats=ObsStats(obs["sum"][()], obs["sumsq"][()], float(obs.attrs["count"])),
-            prev_lengths=f["prev_lengths"][()],
-            timesteps=int(f.attrs["timesteps"]),
-            episodes=int(f.attrs["episodes"]),
-            wall_seconds=float(f.attrs["wall_seconds"]),
-            extras={name: ds[()] for name, ds in f["extras"].items()},
-        )
-        return state, str(f.attrs["config"])
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX: fsync the directory entry)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[TrainState, str]:
+    """Read a checkpoint back: (state, resolved config text). Raises CheckpointError."""
+    try:
+        with h5py.File(path, "r") as f:
+            if verify:
+                stored = f.attrs.get("checksum")
+                if stored is None:
+                    raise CheckpointError(f"{path}: no checksum attribute")
+                actual = content_digest(f)
+                if actual != stored:
+                    raise CheckpointError(f"{path}: checksum mismatch (stored {stored[:16]}..., "
+                                          f"computed {actual[:16]}...)")
+            opt, obs = f["optimizer"], f["obs_stats"]
+            state = TrainState(
+                iteration=int(f.attrs["iteration"]),
+                theta=f["theta"][()],
+                opt=OptimizerState(int(opt.attrs["step"]), opt["m"][()], opt["v"][()]),
+                obs_stats=ObsStats(obs["sum"][()], obs["sumsq"][()], float(obs.attrs["count"])),
+                prev_lengths=f["prev_lengths"][()],
+                timesteps=int(f.attrs["timesteps"]),
+                episodes=int(f.attrs["episodes"]),
+                wall_seconds=float(f.attrs["wall_seconds"]),
+                extras={name: ds[()] for name, ds in f["extras"].items()},
+            )
+            return state, str(f.attrs["config"])
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:  # truncated, not HDF5, missing members
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(iteration, path) of every `checkpoints/ckpt_NNNNNN.h5` in run_dir, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_valid_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = print
+                            ) -> tuple[TrainState, str, Path] | None:
+    """The newest checkpoint that loads and passes its checksum; corrupt ones are reported."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            state, config_text = load_checkpoint(path)
+        except CheckpointError as exc:
+            warn(f"es_mpi: WARNING: skipping corrupt checkpoint: {exc}")
+            continue
+        return state, config_text, path
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints and any leftover temporary files."""
+    removed = []
+    for _, path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    folder = Path(run_dir) / "checkpoints"
+    if folder.is_dir():
+        for tmp in folder.glob("ckpt_*.h5.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed

@@ -1,0 +1,241 @@
+"""`python -m es_mpi.inspect PATH...`: summary tables, CSV and plots of results.h5 files.
+
+PATH may be a run directory, a results.h5 file, a folder holding run directories (searched
+recursively) or a glob. Files are opened in SWMR-read mode, so a running job (or one killed
+with SIGKILL) can be inspected. Never imports MPI.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .results import read_attrs, read_results
+
+# Keys that tell seeds of one experiment apart; runs equal in everything else form a group.
+_PER_RUN_KEYS = ("run.seed", "run.dir", "run.iterations")
+
+
+@dataclass
+class Run:
+    path: Path  # the results.h5 file
+    columns: dict[str, np.ndarray]
+    config: dict  # flattened resolved config ({} when the file carries none)
+
+    @property
+    def name(self) -> str:
+        return str(self.path.parent)
+
+    @property
+    def iterations(self) -> int:
+        return len(self.columns.get("iteration", ()))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def find_results(paths: list[str]) -> list[Path]:
+    """Expand run dirs, results files, parent folders and globs into results.h5 paths."""
+    found: list[Path] = []
+    for text in paths:
+        matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        for m in matches:
+            p = Path(m)
+            if p.is_file():
+                found.append(p)
+            elif (p / "results.h5").is_file():
+                found.append(p / "results.h5")
+            elif p.is_dir():
+                found.extend(sorted(p.rglob("results.h5")))
+            else:
+                raise FileNotFoundError(f"{text}: no such run directory or results file")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise FileNotFoundError("no results.h5 found under " + ", ".join(paths))
+    return unique
+
+
+def load_runs(paths: list[str]) -> list[Run]:
+    runs = []
+    for p in find_results(paths):
+        attrs = read_attrs(p)
+        config = _flat(yaml.safe_load(attrs.get("config") or "") or {})
+        runs.append(Run(p, read_results(p), config))
+    return runs
+
+
+def _nanfn(fn, x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    return float(fn(x)) if x.size and not np.all(np.isnan(x)) else float("nan")
+
+
+def summarize(run: Run) -> dict:
+    c = run.columns
+    total = run.config.get("run.iterations")
+    return {
+        "run": run.name,
+        "seed": run.config.get("run.seed", ""),
+        "iterations": f"{run.iterations}/{total}" if total else str(run.iterations),
+        "timesteps": int(c["timesteps"][-1]) if run.iterations else 0,
+        "best_eval": _nanfn(np.nanmax, c.get("eval_return", [])),
+        "last_eval": float(c["eval_return"][-1]) if run.iterations else float("nan"),
+        "sec_per_iter": _nanfn(np.nanmedian, c.get("iteration_seconds", [])),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """Fixed-width text table of summary rows."""
+    heads = ["run", "seed", "iterations", "timesteps", "best_eval", "last_eval", "sec_per_iter"]
+    cells = [[_fmt(r[h]) for h in heads] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    line = lambda vals: "  ".join(  # noqa: E731
+        v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+    return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if np.isnan(v) else f"{v:.4g}" if abs(v) < 1 else f"{v:,.2f}"
+    if isinstance(v, (int, np.integer)):
+        return f"{v:,d}"
+    return str(v)
+
+
+def write_csv(runs: list[Run], out) -> None:
+    """Long format: one line per (run, iteration) with every results column."""
+    names = sorted({n for r in runs for n in r.columns}, key=lambda n: (n != "iteration", n))
+    w = csv.writer(out)
+    w.writerow(["run", "seed"] + names)
+    for r in runs:
+        for i in range(r.iterations):
+            w.writerow([r.name, r.config.get("run.seed", "")]
+                       + [_csv_value(r.columns[n][i]) if n in r.columns else "" for n in names])
+
+
+def _csv_value(v) -> str:
+    return repr(float(v)) if np.asarray(v).dtype.kind == "f" else str(int(v))
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs that differ only in seed/dir/iterations form one group (the seeds of a setting).
+
+    A group's label lists the config keys on which the groups differ.
+    """
+    keyed: dict[tuple, list[Run]] = {}
+    for r in runs:
+        key = tuple(sorted((k, repr(v)) for k, v in r.config.items() if k not in _PER_RUN_KEYS))
+        keyed.setdefault(key, []).append(r)
+    if len(keyed) == 1:
+        (members,) = keyed.values()
+        c = members[0].config
+        what = " ".join(str(c[k]) for k in ("env.id", "policy.kind") if k in c) or "runs"
+        return {f"{what}, {len(members)} seed{'s' if len(members) > 1 else ''}": members}
+    dicts = [dict(k) for k in keyed]
+    varying = sorted({k for d in dicts for k in d if len({d2.get(k) for d2 in dicts}) > 1})
+    out = {}
+    for d, members in zip(dicts, keyed.values()):
+        label = ", ".join(f"{k}={d.get(k, '-')}" for k in varying[:3]) or members[0].name
+        out[f"{label} ({len(members)})"] = members
+    return out
+
+
+def stacked(runs: list[Run], column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(iterations, values[run, iteration]) padded with NaN where a run has not got there yet."""
+    n = max(r.iterations for r in runs)
+    vals = np.full((len(runs), n), np.nan)
+    for i, r in enumerate(runs):
+        if column in r.columns:
+            vals[i, :r.iterations] = r.columns[column]
+    return np.arange(n), vals
+
+
+def plot(runs: list[Run], path: str) -> str:
+    """Eval return and seconds per iteration against iteration; median and IQR over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "eval_return"
+    if all(np.all(np.isnan(r.columns.get(metric, np.array([np.nan])))) for r in runs):
+        metric = "fitness_mean"  # jobs with es.eval_episodes=0
+    fig, (ax_ret, ax_sec) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups = group_runs([r for r in runs if r.iterations])
+    for color, (label, members) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9,
+                                       groups.items()):
+        for ax, column in ((ax_ret, metric), (ax_sec, "iteration_seconds")):
+            x, vals = stacked(members, column)
+            if len(members) == 1:
+                ax.plot(x, vals[0], color=color, lw=1.6, label=label)
+                continue
+            for v in vals:
+                ax.plot(x, v, color=color, lw=0.6, alpha=0.35)
+            with np.errstate(all="ignore"), _quiet():
+                q25, med, q75 = np.nanpercentile(vals, [25, 50, 75], axis=0)
+            ax.fill_between(x, q25, q75, color=color, alpha=0.25, lw=0,
+                            label=f"{label}: interquartile range")
+            ax.plot(x, med, color=color, lw=2.2, label=f"{label}: median")
+    ax_ret.set(xlabel="iteration", ylabel=metric.replace("_", " "),
+               title=f"{metric.replace('_', ' ')} (median over seeds, IQR band)")
+    ax_sec.set(xlabel="iteration", ylabel="seconds per iteration", title="wall-clock per iteration")
+    for ax in (ax_ret, ax_sec):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class _quiet:
+    """Silence numpy's 'All-NaN slice' warnings for iterations no run has reached."""
+
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m es_mpi.inspect", description=__doc__.split("\n")[0])
+    p.add_argument("paths", nargs="+", help="run dirs, results.h5 files, folders or globs")
+    p.add_argument("--csv", metavar="FILE.csv",
+                   help="write every iteration of every run (long format); '-' for stdout")
+    p.add_argument("--plot", metavar="FILE.png", help="eval return and seconds per iteration")
+    args = p.parse_args(argv)
+    try:
+        runs = load_runs(args.paths)
+    except (FileNotFoundError, OSError, KeyError) as exc:
+        print(f"es_mpi.inspect: {exc}", file=sys.stderr)
+        return 1
+    if args.csv == "-":
+        write_csv(runs, sys.stdout)
+        return 0
+    print(format_table([summarize(r) for r in runs]))
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            write_csv(runs, fh)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        print(f"wrote {plot(runs, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

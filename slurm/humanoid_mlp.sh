@@ -1,0 +1,41 @@
+#!/bin/bash
+# OpenAI-ES, MLP policy on MuJoCo Humanoid-v4 (Lorenc & Neruda 2025: 5,000 pairs, 200 iters).
+#
+# From the repository root:
+#   sbatch slurm/humanoid_mlp.sh                   # 10 seeds, one per array task
+#   sbatch slurm/humanoid_mlp.sh es.sigma=0.01     # arguments: extra section.key=value overrides
+#   sbatch --ntasks=64 --time=2:00:00 slurm/humanoid_mlp.sh   # resize without editing
+#   sbatch slurm/humanoid_mlp.sh                   # again: every seed continues its own run
+# Array index i trains seed ES_SEED_BASE+i (default i) in ES_RUN_ROOT/seed<i> (default
+# results/humanoid_mlp/seed<i>) and logs to slurm/logs/humanoid_mlp_<i>.log, appended across
+# requeues and resubmissions. Any --ntasks gives bitwise the same theta for a seed.
+# Knobs (ES_LAUNCHER, ES_SRUN_MPI, ES_PYTHON, ES_JOB, ES_OVERRIDES, ...): slurm/es_job.sh.
+# Site MPI and mpi4py: README, "Running on a SLURM cluster".
+#
+#SBATCH --job-name=humanoid_mlp
+#SBATCH --ntasks=300                # MPI ranks, one per core: your share of the cluster
+#SBATCH --cpus-per-task=1           # one thread per rank
+#SBATCH --time=12:00:00             # per run of the job; longer runs checkpoint and requeue
+#SBATCH --array=0-9                 # the paper's 10 seeds
+#SBATCH --signal=B:USR1@600         # lead time > one iteration + a checkpoint + 60 s
+#SBATCH --requeue
+#SBATCH --open-mode=append          # requeued and resubmitted tasks append to their log
+#SBATCH --output=slurm/logs/%x_%a.log
+##SBATCH --partition=...            # site-specific: uncomment and fill in
+##SBATCH --account=...
+##SBATCH --mem-per-cpu=2G           # the 1 GB noise table is held once per node
+
+# Site set-up (see README), e.g.:
+# module load mpich                 # Open MPI: module load openmpi; export ES_SRUN_MPI=pmix
+# source ~/venvs/es/bin/activate    # or: export ES_PYTHON=~/venvs/es/bin/python
+
+ES_JOB=${ES_JOB:-jobs/humanoid_mlp.yaml}
+source "${ES_HOME:-$SLURM_SUBMIT_DIR}/slurm/es_job.sh" || exit 1
+es_setup  # -> SEED, RUN_DIR, ES_PYTHON, LAUNCH (srun --mpi=pmi2, or mpiexec -n $SLURM_NTASKS)
+
+# ONE MPI world over all tasks; USR1/TERM are forwarded to it, exit 3 requeues this task
+es_run "${LAUNCH[@]}" "$ES_PYTHON" -m es_mpi.run "$ES_JOB" \
+    run.seed="$SEED" run.dir="$RUN_DIR" "${ES_OVERRIDE_ARGS[@]}" "$@"
+# The same with Open MPI's / Intel MPI's launcher (what ES_LAUNCHER=mpirun does):
+# es_run mpirun -n "$SLURM_NTASKS" "$ES_PYTHON" -m es_mpi.run "$ES_JOB" \
+#     run.seed="$SEED" run.dir="$RUN_DIR" "${ES_OVERRIDE_ARGS[@]}" "$@"
