@@ -39,37 +39,27 @@ class Checkpoint:
     theta: np.ndarray
     config_text: str
     iteration: int
-    obs_sum: np.ndarray | None
-    obs_sumsq: np.ndarray | None
-    obs_count: float
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file as given, or the newest `checkpoints/ckpt_*.h5` of a run directory."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        found = sorted((path / "checkpoints").glob("ckpt_*.h5"))
-        if found:
-            return found[-1]
-        raise FileNotFoundError(f"{path}: no checkpoints/ckpt_*.h5 in this run directory")
-    raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
+    obs_stats: object  # es.ObsStats
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """The parts of a checkpoint that evaluation needs (DESIGN §6 names)."""
-    import h5py
+    """A checkpoint file as given (checksum verified), or the newest valid
+    `checkpoints/ckpt_*.h5` of a run directory (corrupt ones are reported and skipped)."""
+    from .checkpoint import latest_valid_checkpoint, load_checkpoint
 
-    path = find_checkpoint(path)
-    with h5py.File(path, "r") as f:
-        obs = f.get("obs_stats")
-        return Checkpoint(
-            path=path, theta=f["theta"][()].astype(np.float32),
-            config_text=str(f.attrs["config"]), iteration=int(f.attrs["iteration"]),
-            obs_sum=obs["sum"][()] if obs is not None else None,
-            obs_sumsq=obs["sumsq"][()] if obs is not None else None,
-            obs_count=float(obs.attrs["count"]) if obs is not None else 0.0)
+    path = Path(path)
+    if path.is_dir():
+        found = latest_valid_checkpoint(path, warn=lambda msg: print(msg, file=sys.stderr))
+        if found is None:
+            raise FileNotFoundError(f"{path}: no valid checkpoints/ckpt_*.h5 in this run "
+                                    f"directory")
+        state, config_text, path = found
+    elif path.is_file():
+        state, config_text = load_checkpoint(path)
+    else:
+        raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
+    return Checkpoint(path, state.theta.astype(np.float32), config_text, state.iteration,
+                      state.obs_stats)
 
 
 @dataclass
@@ -87,7 +77,6 @@ class Evaluator:
 
         from .config import loads
         from .envs import episode_limit, make_env
-        from .es import ObsStats
         from .policies import make_policy
         from .rollout import Normalizer
 
@@ -106,9 +95,8 @@ class Evaluator:
                              f"its config {self.policy.num_params}")
         self.policy.set_theta(ckpt.theta)
         self.normalize = Normalizer()
-        if cfg.env.normalize_obs and ckpt.obs_sum is not None:
-            stats = ObsStats(ckpt.obs_sum, ckpt.obs_sumsq, ckpt.obs_count)
-            self.normalize = Normalizer(stats.mean, stats.std)
+        if cfg.env.normalize_obs:
+            self.normalize = Normalizer(ckpt.obs_stats.mean, ckpt.obs_stats.std)
 
     def run(self, episodes: int, seed: int, target_return: float | None = None,
             max_steps: int | None = None) -> Evaluation:
@@ -215,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     rtgs = parse_rtg(args.rtg)
     if args.video:  # mujoco picks its GL backend when first imported
         os.environ.setdefault("MUJOCO_GL", default_gl_backend())
+    from .checkpoint import CheckpointError
+
     try:
         ckpt = read_checkpoint(args.path)
-    except (FileNotFoundError, OSError, KeyError) as exc:
+    except (FileNotFoundError, CheckpointError) as exc:
         print(f"es_mpi.evaluate: {exc}", file=sys.stderr)
         return 2
     from .config import loads

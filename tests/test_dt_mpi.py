@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 
@@ -79,6 +80,19 @@ def test_evaluate_never_imports_mpi(runs):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=mpi_helpers.test_env(),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_evaluate_run_dir_skips_a_corrupt_newest_checkpoint(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs / "n1", run_dir)
+    good = run_dir / "checkpoints" / "ckpt_000002.h5"
+    bad = run_dir / "checkpoints" / "ckpt_000003.h5"
+    bad.write_bytes(good.read_bytes()[:5000])  # a torn newer file
+    proc = subprocess.run([sys.executable, "-m", "es_mpi.evaluate", str(run_dir),
+                           "--episodes", "1"], cwd=REPO, env=mpi_helpers.test_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ckpt_000002.h5 (iteration 2)" in proc.stdout and "corrupt" in proc.stderr
 
 
 def test_evaluate_missing_path_exits_2(tmp_path):
