@@ -88,6 +88,30 @@ def initial_state(rt: Runtime):
                       prev_lengths=np.zeros(0, dtype=np.int64))
 
 
+def prepare_vbn(cfg: JobConfig, comm, rt: Runtime, state) -> None:
+    """Virtual batch norm: give the policy its reference batch (no-op unless policy.vbn).
+
+    A resumed state brings the batch in `state.extras['vbn_reference']`; otherwise rank 0
+    collects it with a random policy seeded by run.seed alone and broadcasts it, and it is
+    stored in the extras so checkpoints carry it. Every rank checks it holds the same bytes.
+    """
+    if not cfg.policy.vbn:
+        return
+    from . import comm as mpi
+    from .envs_atari import random_policy_observations
+    from .policies.vbn import set_vbn_reference
+
+    ref = state.extras.get("vbn_reference")
+    if ref is None:
+        if comm.Get_rank() == 0:
+            ref = random_policy_observations(rt.env, cfg.run.seed, cfg.policy.vbn_batch)
+        ref = mpi.broadcast_array(comm, ref)
+        state.extras["vbn_reference"] = ref
+    mpi.check_identical(comm, ref, state.iteration - 1, what="VBN reference batch")
+    if set_vbn_reference(rt.policy, ref) == 0:
+        raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")
+
+
 def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dict]:
     """One ES iteration on this rank; returns the new state (same on all ranks) and a row."""
     from . import comm as mpi
@@ -184,6 +208,7 @@ def train(cfg: JobConfig, comm) -> int:
     run_dir = Path(cfg.run.dir)
     rt = build_runtime(cfg, comm)
     state = initial_state(rt)
+    prepare_vbn(cfg, comm, rt, state)
     mpi.check_identical(comm, state.theta, -1)
     config_text = cfg.to_yaml()
     writer = None
