@@ -12,8 +12,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A seconds-long Hero run: 2 pairs, 100 agent steps per episode, a 20 MB noise table.
-TINY_HERO = ("es.population=2", "run.iterations=2", "env.max_frames=400",
+# A seconds-long Hero run: 2 pairs, 60 agent steps per episode, a 20 MB noise table.
+TINY_HERO = ("es.population=2", "run.iterations=2", "env.max_frames=240",
              "es.noise_table_size=5000000", "es.eval_episodes=1", "policy.vbn_batch=16",
              "run.checkpoint_every=1")
 
