@@ -19,7 +19,7 @@ def test_hero_cnn_vbn_bitwise_equal_at_1_and_2_ranks(tmp_path):
     finals = {}
     for n in (1, 2):
         proc = run_job(n, tmp_path / f"n{n}", *TINY_HERO, timeout=150)
-        assert "policy cnn with 1,694,034 parameters" in proc.stdout
+        assert "policy cnn with 1,694,706 parameters" in proc.stdout
         assert proc.stdout.count("iter ") == 2
         finals[n], _ = load_checkpoint(tmp_path / f"n{n}" / "checkpoints" / "ckpt_000002.h5")
     one, two = finals[1], finals[2]

@@ -26,7 +26,7 @@ def frames(n: int, seed: int) -> np.ndarray:
 def test_cnn_parameter_counts_and_action():
     plain, with_vbn = cnn(False), cnn(True)
     assert plain.num_params == 1_693_362  # Nature DQN on 18 actions
-    assert with_vbn.num_params == 1_694_034  # conv/proj biases -> VBN scale and shift
+    assert with_vbn.num_params == 1_694_706  # + VBN scale and shift per channel/feature
     assert not uses_vbn(plain) and set_vbn_reference(plain, frames(4, 0)) == 0
     a = plain.act(frames(1, 1)[0])  # no reference needed without VBN
     assert isinstance(a, int) and 0 <= a < 18

@@ -1,7 +1,7 @@
 """Nature-DQN policy for image observations (Mnih et al. 2015), trained by ES: argmax action.
 
 frames (4, 84, 84) uint8 -> ConvEncoder -> 512 -> ReLU -> Linear (n_actions) -> argmax.
-Hero (18 actions): 1,693,362 parameters; 1,694,034 with virtual batch norm.
+Hero (18 actions): 1,693,362 parameters; 1,694,706 with virtual batch norm.
 """
 from __future__ import annotations
 

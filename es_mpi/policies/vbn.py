@@ -10,7 +10,7 @@ Design choices (documented, since the papers leave them open):
 - statistics from the reference batch alone (no mixing-in of the current example);
 - per-channel statistics over (batch, height, width) after a conv, per-feature after a linear;
 - a learnable scale (init 1) and shift (init 0) per channel, part of theta like any
-  parameter, so ES perturbs them too; the layer before has no bias (the shift replaces it).
+  parameter, so ES perturbs them too (the bias of the layer before is kept but inert).
 """
 from __future__ import annotations
 
