@@ -99,14 +99,14 @@ def prepare_vbn(cfg: JobConfig, comm, rt: Runtime, state) -> None:
         return
     from . import comm as mpi
     from .envs_atari import random_policy_observations
-    from .policies.vbn import set_vbn_reference
+    from .policies.vbn import EXTRAS_KEY, set_vbn_reference
 
-    ref = state.extras.get("vbn_reference")
+    ref = state.extras.get(EXTRAS_KEY)
     if ref is None:
         if comm.Get_rank() == 0:
             ref = random_policy_observations(rt.env, cfg.run.seed, cfg.policy.vbn_batch)
         ref = mpi.broadcast_array(comm, ref)
-        state.extras["vbn_reference"] = ref
+        state.extras[EXTRAS_KEY] = ref
     mpi.check_identical(comm, ref, state.iteration - 1, what="VBN reference batch")
     if set_vbn_reference(rt.policy, ref) == 0:
         raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")

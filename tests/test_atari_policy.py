@@ -93,3 +93,15 @@ def test_reference_batch_costs_one_forward_per_theta_change(monkeypatch):
     for _ in range(5):
         policy.act(obs)
     assert len(calls) == 2
+
+
+def test_restore_from_checkpoint_extras():
+    from es_mpi.policies.vbn import restore_vbn_reference
+    ref, x = frames(8, 9), torch.from_numpy(frames(1, 10))
+    a, b = cnn(True), cnn(True)
+    set_vbn_reference(a, ref)
+    assert restore_vbn_reference(b, {"vbn_reference": ref})
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no extras/vbn_reference"):
+        restore_vbn_reference(cnn(True), {})
+    assert not restore_vbn_reference(cnn(False), {})

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 EPS = 1e-5
+EXTRAS_KEY = "vbn_reference"  # name of the reference batch in TrainState.extras / checkpoints
 
 
 class VirtualBatchNorm(nn.Module):
@@ -91,3 +92,16 @@ def set_vbn_reference(policy: nn.Module, batch: np.ndarray) -> int:
 
 def uses_vbn(policy: nn.Module) -> bool:
     return any(isinstance(m, VBNModule) and getattr(m, "vbn", False) for m in policy.modules())
+
+
+def restore_vbn_reference(policy: nn.Module, extras: dict) -> bool:
+    """For tools that load a checkpoint (evaluate): set the saved reference batch, if any.
+
+    Returns whether one was set; raises if the policy uses VBN and the checkpoint has none.
+    """
+    ref = extras.get(EXTRAS_KEY)
+    if ref is None:
+        if uses_vbn(policy):
+            raise RuntimeError(f"the policy uses VBN but the checkpoint has no extras/{EXTRAS_KEY}")
+        return False
+    return set_vbn_reference(policy, ref) > 0
