@@ -48,6 +48,7 @@ def test_no_sticky_actions_and_no_reward_clipping_by_default():
 def test_frame_cap_and_frame_skip():
     env = hero(max_frames=400)
     assert episode_limit(env) == 100
+    assert episode_limit(hero(max_frames=400, max_episode_steps=50)) == 50
     env.reset(seed=3)
     ale = env.unwrapped.ale
     start = ale.getEpisodeFrameNumber()  # the no-op frames count toward the cap
@@ -102,10 +103,12 @@ def test_reset_is_deterministic_and_snapshot_equals_rom_reload():
                 break
         return np.stack(frames)
 
+    fast.reset(seed=99)  # the snapshot comes from another seed's reset
     a1 = trajectory(fast, 5)
     trajectory(fast, 6)  # something else in between
     assert np.array_equal(trajectory(fast, 5), a1)
     assert np.array_equal(trajectory(slow, 5), a1)
+    assert np.array_equal(trajectory(slow, 6), trajectory(fast, 6))
     noop_counts = set()
     for seed in range(8):
         fast.reset(seed=seed)
