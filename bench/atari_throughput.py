@@ -151,7 +151,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="per policy, split in rounds")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--population", type=int, default=4, help="mirrored pairs per iteration")
-    p.add_argument("--max-frames", type=int, default=4000, help="episode frame cap (env.max_frames)")
+    p.add_argument("--max-frames", type=int, default=4000,
+                   help="episode frame cap (env.max_frames)")
     p.add_argument("--policies", default="cnn,cnn-novbn,dt")
     args = p.parse_args()
     torch.set_num_threads(1)

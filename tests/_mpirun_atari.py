@@ -40,7 +40,8 @@ def test_env() -> dict:
 test_env.__test__ = False  # not a pytest test
 
 
-def mpirun(n: int, args: list[str], timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+def mpirun(n: int, args: list[str], timeout: float,
+           check: bool = True) -> subprocess.CompletedProcess:
     cmd = [mpiexec_path(), "-n", str(n), sys.executable, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=test_env(), capture_output=True, text=True,
                           timeout=timeout)
