@@ -59,3 +59,16 @@ def test_hero_dt_job_runs_at_2_ranks(tmp_path):
     count = int(re.search(r"with ([\d,]+) parameters", proc.stdout).group(1).replace(",", ""))
     assert 2_400_000 < count < 2_600_000  # the paper's ~2.49M
     assert proc.stdout.count("iter ") == 2
+
+
+@pytest.mark.skipif("load_checkpoint" not in (REPO / "es_mpi/run.py").read_text(),
+                    reason="resume from run.dir is not on this branch yet")
+def test_resumed_run_keeps_the_checkpointed_reference_batch(tmp_path):
+    run_job(2, tmp_path, *TINY_HERO, "run.iterations=1", timeout=120)
+    ckpt = tmp_path / "checkpoints" / "ckpt_000001.h5"
+    with h5py.File(ckpt, "r+") as f:  # a batch the resumed run could not have collected itself
+        ref = f["extras/vbn_reference"][()][::-1].copy()
+        f["extras/vbn_reference"][...] = ref
+    run_job(2, tmp_path, *TINY_HERO, "run.iterations=2", timeout=120)
+    state, _ = load_checkpoint(tmp_path / "checkpoints" / "ckpt_000002.h5")
+    assert np.array_equal(state.extras["vbn_reference"], ref)
