@@ -53,6 +53,9 @@ def test_statistics_come_from_the_reference_batch():
     torch.testing.assert_close(first_vbn(pre), expect, rtol=1e-4, atol=1e-4)
     out = first_vbn(pre)  # scale 1, shift 0: zero mean and unit variance per channel
     torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(32), atol=1e-4, rtol=0)
+    # the per-step path (VBN folded into the layers) computes the same as layer by layer
+    x = torch.from_numpy(frames(3, 3))
+    torch.testing.assert_close(enc(x), enc._forward(x), rtol=1e-4, atol=1e-4)
     # the features of one frame do not depend on what else is in its batch
     x = torch.from_numpy(frames(3, 3))
     torch.testing.assert_close(enc(x)[:1], enc(x[:1]))

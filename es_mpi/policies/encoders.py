@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .vbn import VBNModule, VBNSequential, VirtualBatchNorm
@@ -24,19 +25,39 @@ class ConvEncoder(VBNModule):
         self.init_vbn()
         norm = (lambda n: VirtualBatchNorm(n)) if vbn else (lambda n: nn.Identity())
         self.convs = VBNSequential(
-            nn.Conv2d(in_channels, 32, 8, stride=4), norm(32), nn.ReLU(),  # 20x20
-            nn.Conv2d(32, 64, 4, stride=2), norm(64), nn.ReLU(),  # -> 9x9
-            nn.Conv2d(64, 64, 3, stride=1), norm(64), nn.ReLU(),  # -> 7x7
+            nn.Conv2d(in_channels, 32, 8, stride=4), norm(32), nn.ReLU(),  # -> (B, 32, 20, 20)
+            nn.Conv2d(32, 64, 4, stride=2), norm(64), nn.ReLU(),  # -> (B, 64, 9, 9)
+            nn.Conv2d(64, 64, 3, stride=1), norm(64), nn.ReLU(),  # -> (B, 64, 7, 7)
         )
         self.proj = nn.Linear(64 * 7 * 7, out_dim)
         self.proj_norm = norm(out_dim)
+        self._folded: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _forward(self, frames: torch.Tensor, update: bool = False) -> torch.Tensor:
+        """Layer by layer; with `update`, the VBN layers take this batch's statistics."""
         x = self.convs(frames.float() / 255.0, update).flatten(1)
         x = self.proj(x)
         return self.proj_norm(x, update) if self.vbn else x
 
+    def refresh(self) -> None:
+        """New VBN statistics, then fold each VBN affine map into the layer before it, so a
+        step costs what it costs without VBN: W' = W * scale, b' = b * scale + shift."""
+        super().refresh()
+        pairs = [(self.convs[i], self.convs[i + 1]) for i in (0, 3, 6)]
+        pairs.append((self.proj, self.proj_norm))
+        self._folded = []
+        for layer, norm in pairs:
+            shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+            self._folded.append((layer.weight * norm.scale.view(shape),
+                                 layer.bias * norm.scale + norm.shift))
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        if self.vbn and self._stale:
+        if not self.vbn:
+            return self._forward(frames)
+        if self._stale:
             self.refresh()
-        return self._forward(frames)
+        x = frames.float() / 255.0
+        for (w, b), conv in zip(self._folded, (self.convs[0], self.convs[3], self.convs[6])):
+            x = F.relu(F.conv2d(x, w, b, stride=conv.stride))
+        w, b = self._folded[3]
+        return F.linear(x.flatten(1), w, b)
