@@ -31,6 +31,11 @@ def test_cnn_parameter_counts_and_action():
     a = plain.act(frames(1, 1)[0])  # no reference needed without VBN
     assert isinstance(a, int) and 0 <= a < 18
     assert np.array_equal(cnn(False).get_theta(), plain.get_theta())  # theta from the seed
+    x = torch.from_numpy(frames(2, 1))  # the per-step path reads the live (flat) parameters
+    torch.testing.assert_close(plain.encoder(x), plain.encoder._forward(x), rtol=0, atol=0)
+    before = plain(x)
+    plain.set_theta(plain.get_theta() * np.float32(2))
+    assert not torch.equal(plain(x), before)
 
 
 def test_vbn_needs_a_reference_batch_and_image_observations():

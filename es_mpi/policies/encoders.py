@@ -52,12 +52,12 @@ class ConvEncoder(VBNModule):
                                  layer.bias * norm.scale + norm.shift))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        if not self.vbn:
-            return self._forward(frames)
-        if self._stale:
+        if self.vbn and self._stale:
             self.refresh()
+        convs = (self.convs[0], self.convs[3], self.convs[6])
+        layers = self._folded if self.vbn else [(m.weight, m.bias) for m in convs + (self.proj,)]
         x = frames.float() / 255.0
-        for (w, b), conv in zip(self._folded, (self.convs[0], self.convs[3], self.convs[6])):
+        for (w, b), conv in zip(layers, convs):
             x = F.relu(F.conv2d(x, w, b, stride=conv.stride))
-        w, b = self._folded[3]
+        w, b = layers[3]
         return F.linear(x.flatten(1), w, b)
