@@ -61,13 +61,22 @@ def theta_digest(theta: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(theta).tobytes(), digest_size=8).hexdigest()
 
 
-def check_identical(comm: MPI.Comm, theta: np.ndarray, iteration: int) -> str:
-    """Raise on every rank if theta differs anywhere; return the common digest."""
+def check_identical(comm: MPI.Comm, theta: np.ndarray, iteration: int, what: str = "theta") -> str:
+    """Raise on every rank if theta (or the array named `what`) differs anywhere; return the
+    common digest."""
     digests = comm.allgather(theta_digest(theta))
     if len(set(digests)) != 1:
-        raise RuntimeError(f"theta diverged across ranks after iteration {iteration}: "
+        raise RuntimeError(f"{what} diverged across ranks after iteration {iteration}: "
                            + ", ".join(f"rank {r}: {d}" for r, d in enumerate(digests)))
     return digests[0]
+
+
+def broadcast_array(comm: MPI.Comm, array: np.ndarray | None, root: int = 0) -> np.ndarray:
+    """`array` of rank `root` on every rank (the others pass None)."""
+    meta = comm.bcast((array.shape, array.dtype.str) if comm.Get_rank() == root else None, root)
+    buf = np.ascontiguousarray(array) if comm.Get_rank() == root else np.empty(meta[0], meta[1])
+    comm.Bcast(buf, root=root)
+    return buf
 
 
 @dataclass

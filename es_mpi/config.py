@@ -28,13 +28,27 @@ class EnvConfig:
     obs_stat_prob: float = 0.01  # probability an episode's observations feed the obs statistics
     normalize_obs: bool = True  # normalise observations with running mean/std (clipped to ±5)
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for gymnasium.make
+    # Atari (ids 'ALE/...') preprocessing; defaults are Lorenc & Neruda's (Machado et al. 2018)
+    frame_skip: int = 4  # emulator frames per agent step (action repeated, reward summed)
+    max_pool_frames: bool = True  # observation = pixel max of the last two frames of a step
+    noop_max: int = 30  # reset plays 1..noop_max no-op steps (uniform, from the reset seed)
+    screen_size: int = 84  # frames are resized (area average) to screen_size x screen_size
+    grayscale: bool = True  # greyscale frames (False is not supported: 1 channel per frame)
+    frame_stack: int = 4  # observation = the last frame_stack frames, (frame_stack, 84, 84) uint8
+    repeat_action_probability: float = 0.0  # ALE sticky actions; 0 = none (the paper)
+    full_action_space: bool = False  # 18 actions for every game instead of the game's minimal set
+    max_frames: int = 108_000  # emulator frames per episode before truncation (30 min of play)
+    terminal_on_life_loss: bool = False  # end the episode when a life is lost
+    clip_rewards: bool = False  # reward -> sign(reward) per agent step (the paper: no clipping)
 
 
 @dataclass
 class PolicyConfig:
-    kind: Literal["mlp", "dt"] = "mlp"  # policy architecture (dt = Decision Transformer)
+    kind: Literal["mlp", "cnn", "dt"] = "mlp"  # architecture; dt = Decision Transformer
     hidden: list = field(default_factory=lambda: [256, 256])  # MLP hidden layer widths
     activation: Literal["tanh", "relu"] = "tanh"  # MLP hidden activation
+    vbn: bool = False  # virtual batch norm in the image encoder (Salimans et al. 2017)
+    vbn_batch: int = 128  # observations in the VBN reference batch (collected once per run)
     # Decision Transformer (defaults: Chen et al. 2021 gym DT, as Lorenc & Neruda on Humanoid)
     context: int = 20  # DT: timesteps K in the attention window (3K tokens: R, s, a)
     n_embd: int = 128  # DT: token embedding width
@@ -111,6 +125,14 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "es.eval_episodes": (lambda v: v >= 0, "an integer >= 0"),
     "env.obs_stat_prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "env.max_episode_steps": (lambda v: v is None or v > 0, "a positive integer or null"),
+    "env.frame_skip": (lambda v: v > 0, "a positive integer"),
+    "env.noop_max": (lambda v: v >= 0, "an integer >= 0 (0 = no no-op starts)"),
+    "env.screen_size": (lambda v: v > 0, "a positive integer"),
+    "env.grayscale": (lambda v: v is True, "true (only greyscale frames are supported)"),
+    "env.frame_stack": (lambda v: v > 0, "a positive integer"),
+    "env.repeat_action_probability": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "env.max_frames": (lambda v: v > 0, "a positive integer"),
+    "policy.vbn_batch": (lambda v: v > 1, "an integer >= 2"),
     "policy.hidden": (lambda v: len(v) > 0 and all(isinstance(h, int) and h > 0 for h in v),
                       "a non-empty list of positive integers"),
     "policy.context": (lambda v: v > 0, "a positive integer"),
@@ -241,7 +263,17 @@ def from_dict(data: Any, source: str = "job") -> JobConfig:
     missing = [k for k in REQUIRED if k not in present]
     if missing:
         raise ConfigError(f"{source}: required key(s) missing: " + ", ".join(missing))
-    return JobConfig(**sections)
+    cfg = JobConfig(**sections)
+    _check_combinations(cfg)
+    return cfg
+
+
+def _check_combinations(cfg: JobConfig) -> None:
+    """Rules that involve more than one key."""
+    if cfg.env.id.startswith("ALE/") and cfg.env.normalize_obs:
+        raise ConfigError("env.normalize_obs: must be false for Atari (ALE/...) environments; "
+                          "frames are scaled by 1/255 in the encoder (use policy.vbn for "
+                          "data-dependent normalisation)")
 
 
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:

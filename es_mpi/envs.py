@@ -1,4 +1,5 @@
-"""Environment makers. Gymnasium ids (MuJoCo and classic control) are made here."""
+"""Environment makers. Gymnasium ids (MuJoCo, classic control) are made here; `ALE/...` ids
+go to `envs_atari` (the paper's Atari preprocessing)."""
 from __future__ import annotations
 
 import warnings
@@ -10,6 +11,9 @@ from .config import ConfigError
 
 def make_env(cfg, render_mode: str | None = None) -> gym.Env:
     """Build the environment of an `EnvConfig` (no passive checker: it costs time per step)."""
+    from .envs_atari import is_atari, make_atari_env
+    if is_atari(cfg.id):
+        return make_atari_env(cfg, render_mode)
     kwargs = dict(cfg.kwargs)
     if cfg.max_episode_steps is not None:
         kwargs["max_episode_steps"] = cfg.max_episode_steps
@@ -27,7 +31,12 @@ def make_env(cfg, render_mode: str | None = None) -> gym.Env:
 
 
 def episode_limit(env: gym.Env) -> int:
-    """The env's own step limit (TimeLimit), or a large default when it has none."""
+    """The env's own step limit (TimeLimit, or the Atari frame cap in agent steps), or a large
+    default when it has none."""
+    try:
+        return int(env.get_wrapper_attr("max_agent_steps"))
+    except AttributeError:
+        pass
     spec = env.spec
     if spec is not None and spec.max_episode_steps:
         return int(spec.max_episode_steps)

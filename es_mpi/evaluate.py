@@ -40,6 +40,7 @@ class Checkpoint:
     config_text: str
     iteration: int
     obs_stats: object  # es.ObsStats
+    extras: dict  # arrays saved with the run (e.g. the VBN reference batch)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -59,7 +60,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     else:
         raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
     return Checkpoint(path, state.theta.astype(np.float32), config_text, state.iteration,
-                      state.obs_stats)
+                      state.obs_stats, state.extras)
 
 
 @dataclass
@@ -77,13 +78,15 @@ class Evaluator:
 
         from .config import loads
         from .envs import episode_limit, make_env
+        from .envs_atari import is_atari
         from .policies import make_policy
+        from .policies.vbn import restore_vbn_reference
         from .rollout import Normalizer
 
         torch.set_num_threads(1)
         self.cfg = cfg = loads(ckpt.config_text)
         env_cfg = cfg.env
-        if render and size is not None and _is_mujoco(cfg.env.id):
+        if render and size is not None and not is_atari(cfg.env.id):  # MuJoCo frame size
             env_cfg = dataclasses.replace(
                 cfg.env, kwargs={**cfg.env.kwargs, "width": size[0], "height": size[1]})
         self.env = make_env(env_cfg, render_mode="rgb_array" if render else None)
@@ -94,6 +97,7 @@ class Evaluator:
             raise ValueError(f"{ckpt.path}: theta has {ckpt.theta.size} values, the policy of "
                              f"its config {self.policy.num_params}")
         self.policy.set_theta(ckpt.theta)
+        restore_vbn_reference(self.policy, ckpt.extras)  # Atari encoders with VBN
         self.normalize = Normalizer()
         if cfg.env.normalize_obs:
             self.normalize = Normalizer(ckpt.obs_stats.mean, ckpt.obs_stats.std)
@@ -118,10 +122,6 @@ class Evaluator:
         res = run_episode(recorder, self.policy, seed, cap, self.normalize,
                           target_return=target_return)
         return recorder.frames, res.ret
-
-
-def _is_mujoco(env_id: str) -> bool:
-    return not env_id.startswith("ALE/")
 
 
 class _FrameRecorder:

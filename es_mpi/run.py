@@ -165,6 +165,30 @@ def initial_state(rt: Runtime):
                       prev_lengths=np.zeros(0, dtype=np.int64))
 
 
+def prepare_vbn(cfg: JobConfig, comm, rt: Runtime, state) -> None:
+    """Virtual batch norm: give the policy its reference batch (no-op unless policy.vbn).
+
+    A resumed state brings the batch in `state.extras['vbn_reference']`; otherwise rank 0
+    collects it with a random policy seeded by run.seed alone and broadcasts it, and it is
+    stored in the extras so checkpoints carry it. Every rank checks it holds the same bytes.
+    """
+    if not cfg.policy.vbn:
+        return
+    from . import comm as mpi
+    from .envs_atari import random_policy_observations
+    from .policies.vbn import EXTRAS_KEY, set_vbn_reference
+
+    ref = state.extras.get(EXTRAS_KEY)
+    if ref is None:
+        if comm.Get_rank() == 0:
+            ref = random_policy_observations(rt.env, cfg.run.seed, cfg.policy.vbn_batch)
+        ref = mpi.broadcast_array(comm, ref)
+        state.extras[EXTRAS_KEY] = ref
+    mpi.check_identical(comm, ref, state.iteration - 1, what="VBN reference batch")
+    if set_vbn_reference(rt.policy, ref) == 0:
+        raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")
+
+
 def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dict]:
     """One ES iteration on this rank; returns the new state (same on all ranks) and a row."""
     from . import comm as mpi
@@ -391,6 +415,7 @@ def start(cfg: JobConfig, comm, env, policy, force: bool = False) -> tuple:
         rt = build_runtime(cfg, comm, env, policy)
         state = initial_state(rt) if state is None else state
         check_compatible(state, rt)
+        prepare_vbn(cfg, comm, rt, state)
     except ResumeRefused as exc:
         if is_root:
             print(f"es_mpi: cannot resume: {exc}", file=sys.stderr, flush=True)

@@ -12,10 +12,15 @@ def make_policy(cfg, observation_space: gym.Space, action_space: gym.Space,
                 seed: int) -> FlatPolicy:
     """Build the policy of a `PolicyConfig`; its initial theta is a function of `seed` only."""
     torch.manual_seed(seed)
+    if getattr(cfg, "vbn", False) and len(observation_space.shape) != 3:
+        raise ValueError("policy.vbn: virtual batch norm needs image observations (Atari)")
     if cfg.kind == "mlp":
         from .mlp import MLPPolicy
         obs_dim = int(np.prod(observation_space.shape))
         return MLPPolicy(obs_dim, action_space, hidden=cfg.hidden, activation=cfg.activation)
+    if cfg.kind == "cnn":
+        from .cnn import CNNPolicy
+        return CNNPolicy(observation_space.shape, action_space, vbn=cfg.vbn)
     if cfg.kind == "dt":
         if len(observation_space.shape) == 3:  # image frames (C, H, W): the Atari DT
             from .dt_atari import make_atari_dt

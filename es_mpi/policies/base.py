@@ -38,6 +38,12 @@ class FlatPolicy(nn.Module):
         self.requires_grad_(False)
         self._flat = flatten_parameters(self)
         self._flat_np = self._flat.numpy()  # shares memory with every parameter
+        # modules caching something computed from theta (VBN statistics) are told of changes
+        self._theta_watchers = [m for m in self.modules() if hasattr(m, "mark_stale")]
+
+    def _theta_changed(self) -> None:
+        for m in self._theta_watchers:
+            m.mark_stale()
 
     @property
     def num_params(self) -> int:
@@ -48,11 +54,13 @@ class FlatPolicy(nn.Module):
 
     def set_theta(self, theta: np.ndarray) -> None:
         self._flat_np[:] = theta
+        self._theta_changed()
 
     def set_perturbed(self, theta: np.ndarray, eps: np.ndarray, scale: float) -> None:
         """Parameters <- theta + scale * eps, written straight into the flat vector."""
         np.multiply(eps, np.float32(scale), out=self._flat_np)
         self._flat_np += theta
+        self._theta_changed()
 
     def reset(self, target_return: float | None = None) -> None:
         pass

@@ -37,11 +37,11 @@ class AtariDecisionTransformer(nn.Module):
     position_free = False
 
     def __init__(self, in_channels: int, n_actions: int, cfg: GPTConfig, context: int,
-                 max_ep_len: int):
+                 max_ep_len: int, vbn: bool = False):
         super().__init__()
         C = cfg.n_embd
         self.max_ep_len = max_ep_len
-        self.state_encoder = ConvEncoder(in_channels, C)  # the one place the encoder is built
+        self.state_encoder = ConvEncoder(in_channels, C, vbn=vbn)  # the one place it is built
         self.embed_return = nn.Linear(1, C)
         self.embed_action = nn.Embedding(n_actions, C)
         self.pos_emb = nn.Parameter(torch.zeros(1, 3 * context, C))
@@ -92,7 +92,7 @@ def make_atari_dt(cfg, observation_space: gym.Space, action_space: gym.Space) ->
                          f"{observation_space.shape}")
     gpt = GPTConfig(cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.inner_mult, "gelu")
     model = AtariDecisionTransformer(observation_space.shape[0], int(action_space.n), gpt,
-                                     cfg.context, cfg.max_ep_len)
+                                     cfg.context, cfg.max_ep_len, vbn=cfg.vbn)
     return DTPolicy(model, action_space, tuple(observation_space.shape), cfg.context,
                     cfg.rtg_scale, cfg.target_return, cfg.inference,
                     obs_uint8=observation_space.dtype == np.uint8)

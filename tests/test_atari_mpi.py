@@ -1,0 +1,75 @@
+"""Hero under real `mpiexec`: tiny runs, rank-count invariance, the VBN reference batch."""
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from _mpirun_atari import REPO, TINY_HERO, mpirun, run_job
+from es_mpi.checkpoint import load_checkpoint, save_checkpoint
+from es_mpi.config import loads
+from es_mpi.envs import make_env
+from es_mpi.envs_atari import random_policy_observations
+
+pytestmark = pytest.mark.mpi
+
+
+def test_hero_cnn_vbn_bitwise_equal_at_1_and_2_ranks(tmp_path):
+    finals = {}
+    for n in (1, 2):
+        proc = run_job(n, tmp_path / f"n{n}", *TINY_HERO, timeout=150)
+        assert "policy cnn with 1,694,706 parameters" in proc.stdout
+        assert proc.stdout.count("iter ") == 2
+        finals[n], _ = load_checkpoint(tmp_path / f"n{n}" / "checkpoints" / "ckpt_000002.h5")
+    one, two = finals[1], finals[2]
+    assert np.array_equal(one.theta.view(np.uint32), two.theta.view(np.uint32))
+    with h5py.File(tmp_path / "n1" / "checkpoints" / "ckpt_000001.h5") as f:
+        assert not np.array_equal(f["theta"][()], one.theta)  # it really moved
+    # the reference batch in the checkpoint is the one run.seed alone determines
+    ref = one.extras["vbn_reference"]
+    assert ref.shape == (16, 4, 84, 84) and ref.dtype == np.uint8
+    assert np.array_equal(ref, two.extras["vbn_reference"])
+    cfg = loads((tmp_path / "n2" / "config.yaml").read_text())
+    assert np.array_equal(ref, random_policy_observations(make_env(cfg.env), cfg.run.seed, 16))
+
+
+def test_vbn_reference_restored_from_checkpoint_on_every_rank(tmp_path):
+    run_job(2, tmp_path, *TINY_HERO, "run.iterations=1", timeout=120)
+    ckpt = tmp_path / "checkpoints" / "ckpt_000001.h5"
+    proc = mpirun(2, [str(REPO / "tests/mpi_scripts/atari_vbn_resume.py"), str(ckpt)],
+                  timeout=120)
+    lines = re.findall(r"rank (\d) ref (\w+) logits (\w+)", proc.stdout)
+    assert sorted(r for r, _, _ in lines) == ["0", "1"]
+    assert len({(ref, logits) for _, ref, logits in lines}) == 1
+
+
+def test_hero_cnn_without_vbn_at_2_ranks(tmp_path):
+    proc = run_job(2, tmp_path, *TINY_HERO, "policy.vbn=false", "run.iterations=1", timeout=120)
+    assert "policy cnn with 1,693,362 parameters" in proc.stdout
+    state, _ = load_checkpoint(tmp_path / "checkpoints" / "ckpt_000001.h5")
+    assert "vbn_reference" not in state.extras
+
+
+@pytest.mark.skipif(not (REPO / "es_mpi/policies/dt_atari.py").exists(),
+                    reason="the Atari Decision Transformer (es_mpi/policies/dt_atari.py) is "
+                           "not on this branch yet")
+def test_hero_dt_job_runs_at_2_ranks(tmp_path):
+    proc = run_job(2, tmp_path, *TINY_HERO, job="jobs/atari_hero.yaml", timeout=240)
+    count = int(re.search(r"with ([\d,]+) parameters", proc.stdout).group(1).replace(",", ""))
+    assert 2_400_000 < count < 2_600_000  # the paper's ~2.49M
+    assert proc.stdout.count("iter ") == 2
+
+
+@pytest.mark.skipif("latest_valid_checkpoint" not in (REPO / "es_mpi/run.py").read_text(),
+                    reason="resume from run.dir is not on this branch yet")
+def test_resumed_run_keeps_the_checkpointed_reference_batch(tmp_path):
+    run_job(2, tmp_path, *TINY_HERO, "run.iterations=1", timeout=120)
+    ckpt = tmp_path / "checkpoints" / "ckpt_000001.h5"
+    state, text = load_checkpoint(ckpt)  # rewritten with a batch the run could not collect
+    ref = np.ascontiguousarray(state.extras["vbn_reference"][::-1])
+    state.extras["vbn_reference"] = ref
+    save_checkpoint(ckpt, state, text)
+    run_job(2, tmp_path, *TINY_HERO, "run.iterations=2", timeout=120)
+    state, _ = load_checkpoint(tmp_path / "checkpoints" / "ckpt_000002.h5")
+    assert np.array_equal(state.extras["vbn_reference"], ref)
