@@ -16,8 +16,9 @@ Parameter count with C=128, 6 layers, 8 heads, K=30, 4 input frames and 18 actio
     embed_return 256   embed_action 2,304   pos_emb 90x128 = 11,520
     6 blocks x 198,272 = 1,189,632   ln_f 256   head 2,304
     = 1,685,792  +  global_pos_emb: 128 per row (max_ep_len rows)
-e.g. max_ep_len 6,300 -> 2,492,192 (≈2.49M, the paper's count); Lorenc & Neruda's code passes
-max_timestep 10,000 (-> 2,965,792). Timesteps beyond max_ep_len use the last row.
+e.g. max_ep_len 6,300 -> 2,492,192 (≈2.49M, the paper's count; jobs/atari_hero.yaml), and
+2,492,768 with `policy.vbn` (scale and shift of 32+64+64+128 VBN features); Lorenc & Neruda's
+code passes max_timestep 10,000 (-> 2,965,792). Timesteps beyond max_ep_len use the last row.
 """
 from __future__ import annotations
 
