@@ -44,11 +44,22 @@ class EnvConfig:
 
 @dataclass
 class PolicyConfig:
-    kind: Literal["mlp", "cnn"] = "mlp"  # policy architecture (cnn: Nature-DQN, image input)
+    kind: Literal["mlp", "cnn", "dt"] = "mlp"  # architecture; dt = Decision Transformer
     hidden: list = field(default_factory=lambda: [256, 256])  # MLP hidden layer widths
     activation: Literal["tanh", "relu"] = "tanh"  # MLP hidden activation
     vbn: bool = False  # virtual batch norm in the image encoder (Salimans et al. 2017)
     vbn_batch: int = 128  # observations in the VBN reference batch (collected once per run)
+    # Decision Transformer (defaults: Chen et al. 2021 gym DT, as Lorenc & Neruda on Humanoid)
+    context: int = 20  # DT: timesteps K in the attention window (3K tokens: R, s, a)
+    n_embd: int = 128  # DT: token embedding width
+    n_layer: int = 3  # DT: transformer blocks
+    n_head: int = 1  # DT: attention heads (must divide n_embd)
+    inner_mult: int = 4  # DT: MLP inner width = inner_mult * n_embd
+    max_ep_len: int = 1000  # DT: rows of the timestep embedding (later steps use the last row)
+    rtg_scale: float = 0.001  # DT: returns-to-go are fed as R * rtg_scale (1/1000)
+    target_return: float = 6000.0  # DT: initial return-to-go of an episode, in reward units
+    # DT per-step forward: window (exact), kv_cache (streaming, fastest), full (reference)
+    inference: Literal["window", "kv_cache", "full"] = "window"
 
 
 @dataclass
@@ -124,6 +135,13 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "policy.vbn_batch": (lambda v: v > 1, "an integer >= 2"),
     "policy.hidden": (lambda v: len(v) > 0 and all(isinstance(h, int) and h > 0 for h in v),
                       "a non-empty list of positive integers"),
+    "policy.context": (lambda v: v > 0, "a positive integer"),
+    "policy.n_embd": (lambda v: v > 0, "a positive integer"),
+    "policy.n_layer": (lambda v: v > 0, "a positive integer"),
+    "policy.n_head": (lambda v: v > 0, "a positive integer"),
+    "policy.inner_mult": (lambda v: v > 0, "a positive integer"),
+    "policy.max_ep_len": (lambda v: v > 0, "a positive integer"),
+    "policy.rtg_scale": (lambda v: v > 0, "a positive number"),
     "run.seed": (lambda v: v >= 0, "an integer >= 0"),
     "run.iterations": (lambda v: v > 0, "a positive integer"),
     "run.dir": (lambda v: v.strip() != "", "a non-empty path"),
@@ -238,6 +256,10 @@ def from_dict(data: Any, source: str = "job") -> JobConfig:
     present: set[str] = set()
     sections = {name: _section_from_dict(name, data.get(name) or {}, present)
                 for name in _SECTION_CLASSES}
+    pol = sections["policy"]
+    if pol.n_embd % pol.n_head:
+        raise ConfigError(f"policy.n_head: must divide policy.n_embd={pol.n_embd}, "
+                          f"got {pol.n_head}")
     missing = [k for k in REQUIRED if k not in present]
     if missing:
         raise ConfigError(f"{source}: required key(s) missing: " + ", ".join(missing))

@@ -21,6 +21,12 @@ def make_policy(cfg, observation_space: gym.Space, action_space: gym.Space,
     if cfg.kind == "cnn":
         from .cnn import CNNPolicy
         return CNNPolicy(observation_space.shape, action_space, vbn=cfg.vbn)
+    if cfg.kind == "dt":
+        if len(observation_space.shape) == 3:  # image frames (C, H, W): the Atari DT
+            from .dt_atari import make_atari_dt
+            return make_atari_dt(cfg, observation_space, action_space)
+        from .dt import make_dt
+        return make_dt(cfg, observation_space, action_space)
     raise ValueError(f"policy.kind: unknown policy {cfg.kind!r}")
 
 

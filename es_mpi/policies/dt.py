@@ -1,0 +1,556 @@
+"""Decision Transformer policy (Chen et al. 2021) for vector observations, trained by ES.
+
+An episode is the token stream  R̂_0, s_0, a_0, R̂_1, s_1, a_1, ...  (return-to-go, state,
+action). Each token is a linear embedding of its content plus a learned embedding of its
+timestep, then LayerNorm; GPT-style causal blocks read the last K timesteps and the action of
+step t is predicted from the hidden state of the token s_t, then tanh-squashed into the action
+bounds (argmax for discrete actions); the token a_t holds the action sent to the env.
+R̂_0 = target_return * rtg_scale and every reward r lowers it by r * rtg_scale.
+
+Per-step inference (`policy.inference`) never rebuilds the sequence: tokens are embedded once,
+when they arrive, into preallocated rolling buffers (returns, states, actions, timesteps, and
+the embedded tokens or the per-block queries/keys/values), and the window is a contiguous view
+of them. Measured speeds: docs/performance.md.
+  window    exact Chen et al. semantics: the action equals a full forward pass over the last
+            K timesteps. Only what that pass needs is computed: layer-0 keys/queries/values are
+            cached per token (a token's embedding does not depend on where the window starts,
+            there are no positional embeddings), and the last block runs its query, attention
+            and MLP for the s_t token alone. Blocks 1..L-2 must still run over the whole window,
+            because when the window slides every token's attention context changes.
+  kv_cache  streaming attention: every token attends to the tokens of its own and the K-1
+            preceding timesteps, so its keys/values at every layer are computed once and cached
+            (3 new tokens per step). Equal to a full forward pass with that banded mask
+            (`DecisionTransformer.forward(..., band=K)`), and to the window semantics for the
+            first K steps of an episode and at layer 0 always; after step K the deeper layers
+            differ, so it is a (fast) model of its own, not an approximation of `window`.
+  full      the naive reference: re-embed and re-run the whole window through the modules.
+
+Parameter count (Humanoid-v4: 376-dim obs, 17-dim action; K=20, C=128, 3 layers, 1 head):
+    embed_timestep 1000x128 = 128,000   embed_return 256     embed_state 48,256
+    embed_action 2,304                  embed_ln 256         3 blocks x 198,272 = 594,816
+    ln_f 256   predict_state 48,504   predict_action 2,193   predict_return 129
+    total 824,970.
+Lorenc & Neruda report ~825K for Chen's model: theirs (825,098) also holds GPT-2's unused
+1-row token embedding (128); GPT-2's position table is removed in Chen's code and here.
+predict_state / predict_return do not act; they are kept for the paper's parameter count and
+for behaviour-cloning pretraining with auxiliary losses.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import ActionHead, FlatPolicy
+
+
+@dataclass
+class GPTConfig:
+    n_embd: int = 128  # C
+    n_layer: int = 3
+    n_head: int = 1
+    inner_mult: int = 4  # MLP width = inner_mult * C
+    activation: str = "relu"  # Chen et al. use relu for gym, GELU for Atari
+
+
+# ----------------------------------------------------------------------------- GPT blocks
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v for all heads
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.inner_mult * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.inner_mult * cfg.n_embd, cfg.n_embd)
+        self.act = {"relu": F.relu, "gelu": F.gelu}[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Token embeddings (B, T, C) -> hidden states (B, T, C); no token/position tables."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        # GPT-2 initialisation; residual projections scaled by 1/sqrt(2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("weight") and p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias") and "ln" not in name:
+                nn.init.zeros_(p)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for block in self.h:
+            x = block(x, mask)
+        return self.ln_f(x)
+
+
+def trajectory_mask(n_tokens: int, band: int | None = None) -> torch.Tensor:
+    """(n, n) bool, True = may attend. Causal; with `band`, token i (timestep i//3) sees only
+    tokens of timesteps > i//3 - band (its own and the band-1 before)."""
+    i = torch.arange(n_tokens)
+    mask = i[None, :] <= i[:, None]
+    if band is not None:
+        mask &= (i[:, None] // 3 - i[None, :] // 3) < band
+    return mask
+
+
+# ----------------------------------------------------------------------------- the model
+
+class DecisionTransformer(nn.Module):
+    """(returns (B,T), states (B,T,obs), actions (B,T,act) or (B,T) long, timesteps (B,T))
+    -> raw action outputs (B,T,act) read at the state tokens."""
+
+    position_free = True  # token embeddings do not depend on the window start
+
+    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, cfg: GPTConfig,
+                 max_ep_len: int):
+        super().__init__()
+        C = cfg.n_embd
+        self.max_ep_len = max_ep_len
+        self.embed_timestep = nn.Embedding(max_ep_len, C)
+        self.embed_return = nn.Linear(1, C)
+        self.embed_state = nn.Linear(obs_dim, C)
+        self.embed_action = nn.Embedding(act_dim, C) if discrete else nn.Linear(act_dim, C)
+        self.embed_ln = nn.LayerNorm(C)
+        self.transformer = GPT(cfg)
+        self.predict_state = nn.Linear(C, obs_dim)  # not used to act (see module docstring)
+        self.predict_action = nn.Linear(C, act_dim)
+        self.predict_return = nn.Linear(C, 1)  # not used to act
+
+    def embed(self, returns, states, actions, timesteps) -> torch.Tensor:
+        """-> (B, 3T, C) tokens R̂_0, s_0, a_0, R̂_1, ..."""
+        B, T = returns.shape
+        time = self.embed_timestep(timesteps.clamp(max=self.max_ep_len - 1))
+        r = self.embed_return(returns.unsqueeze(-1)) + time
+        s = self.embed_state(states.reshape(B, T, -1)) + time
+        a = self.embed_action(actions) + time
+        return self.embed_ln(torch.stack((r, s, a), dim=2).reshape(B, 3 * T, -1))
+
+    def forward(self, returns, states, actions, timesteps, band: int | None = None):
+        x = self.embed(returns, states, actions, timesteps)
+        h = self.transformer(x, trajectory_mask(x.shape[1], band))
+        return self.predict_action(h[:, 1::3])
+
+    # --- one token at a time (the policy's rolling path); t is the episode timestep
+    def _time(self, t: int) -> torch.Tensor:
+        return self.embed_timestep.weight[min(t, self.max_ep_len - 1)]
+
+    def return_token(self, rtg: float, t: int) -> torch.Tensor:
+        w, b = self.embed_return.weight, self.embed_return.bias
+        return _ln(w[:, 0] * rtg + b + self._time(t), self.embed_ln)
+
+    def state_token(self, obs: torch.Tensor, t: int) -> torch.Tensor:
+        return _ln(F.linear(obs.reshape(-1), self.embed_state.weight, self.embed_state.bias)
+                   + self._time(t), self.embed_ln)
+
+    def action_token(self, action: torch.Tensor, t: int) -> torch.Tensor:
+        if isinstance(self.embed_action, nn.Embedding):
+            e = self.embed_action.weight[int(action)]
+        else:
+            e = F.linear(action, self.embed_action.weight, self.embed_action.bias)
+        return _ln(e + self._time(t), self.embed_ln)
+
+    def window_input(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        return tokens  # position-free: the cached tokens are the transformer input
+
+    def action_output(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.predict_action.weight, self.predict_action.bias)
+
+
+def _ln(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def _attend(q, k, v, n_head: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (nq, C) already scaled by 1/sqrt(head dim), k/v (nk, C) -> (nq, C), heads split along
+    C; `mask` (nq, nk) is additive (0 or -inf). Plain matmul/softmax: for a few tokens this
+    beats F.scaled_dot_product_attention on CPU by several microseconds per call."""
+    if n_head == 1:
+        att = torch.mm(q, k.t()) if mask is None else torch.addmm(mask, q, k.t())
+        return torch.mm(torch.softmax(att, dim=-1), v)
+    nq, C = q.shape
+    q, k, v = (z.view(z.shape[0], n_head, C // n_head).transpose(0, 1) for z in (q, k, v))
+    att = torch.bmm(q, k.transpose(1, 2))  # (H, nq, nk)
+    if mask is not None:
+        att += mask
+    return torch.bmm(torch.softmax(att, dim=-1), v).transpose(0, 1).reshape(nq, C)
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+
+
+def _ln_args(m: nn.LayerNorm) -> tuple:
+    """Arguments of torch.layer_norm (the builtin: skips F.layer_norm's Python checks)."""
+    return (m.normalized_shape, m.weight, m.bias, m.eps)
+
+
+def _in_out(lin: nn.Linear) -> torch.Tensor:
+    return lin.weight.t().contiguous()
+
+
+class LayerWeights(NamedTuple):
+    """One Block's weights as plain tensors for the per-step paths: matrices stored (in, out)
+    for x @ W, the query part of c_attn pre-multiplied by 1/sqrt(head dim). With one head the
+    output projection is folded into the values: v' = ln(x) (W_v W_proj) + (b_v W_proj + b_proj),
+    so softmax(q k^T) v' is the projected attention output (softmax rows sum to 1) and one
+    matrix product a step is saved per block."""
+
+    ln_1: tuple
+    w_attn: torch.Tensor
+    b_attn: torch.Tensor
+    w_proj: torch.Tensor
+    b_proj: torch.Tensor
+    ln_2: tuple
+    w_fc: torch.Tensor
+    b_fc: torch.Tensor
+    w_fc2: torch.Tensor
+    b_fc2: torch.Tensor
+    act: object
+    n_head: int
+    folded: bool  # W_proj folded into the values (n_head == 1)
+
+    @classmethod
+    def of(cls, blk: Block) -> "LayerWeights":
+        C = blk.attn.c_attn.in_features
+        scale = 1.0 / math.sqrt(C // blk.attn.n_head)
+        w_attn, b_attn = _in_out(blk.attn.c_attn), blk.attn.c_attn.bias.clone()
+        w_attn[:, :C] *= scale
+        b_attn[:C] *= scale
+        w_proj, b_proj = _in_out(blk.attn.c_proj), blk.attn.c_proj.bias
+        folded = blk.attn.n_head == 1
+        if folded:
+            b_attn[2 * C:] = b_attn[2 * C:] @ w_proj + b_proj
+            w_attn[:, 2 * C:] = w_attn[:, 2 * C:] @ w_proj
+        return cls(_ln_args(blk.ln_1), w_attn, b_attn, w_proj, b_proj, _ln_args(blk.ln_2),
+                   _in_out(blk.mlp.c_fc), blk.mlp.c_fc.bias, _in_out(blk.mlp.c_proj),
+                   blk.mlp.c_proj.bias,
+                   torch.relu_ if blk.mlp.act is F.relu else blk.mlp.act,  # in place: no copy
+                   blk.attn.n_head, folded)
+
+    def qkv(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, C) block input -> (n, 3C) scaled queries, keys, values (written to `out`)."""
+        return torch.addmm(self.b_attn, torch.layer_norm(x, *self.ln_1), self.w_attn, out=out)
+
+    def attn(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (nq, C) + projected attention of queries q (nq, C) over keys/values (nk, C)."""
+        if self.folded:
+            att = torch.mm(q, k.t()) if mask is None else torch.addmm(mask, q, k.t())
+            return torch.addmm(x, torch.softmax(att, dim=-1), v)
+        y = _attend(q, k, v, self.n_head, mask)
+        return torch.addmm(self.b_proj, y, self.w_proj).add_(x)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """x + MLP(ln_2(x))."""
+        h = self.act(torch.addmm(self.b_fc, torch.layer_norm(x, *self.ln_2), self.w_fc))
+        return torch.addmm(self.b_fc2, h, self.w_fc2).add_(x)
+
+
+class EmbedWeights(NamedTuple):
+    """The gym DT's embedding and output weights as plain tensors (kv_cache path)."""
+
+    time: torch.Tensor  # (max_ep_len, C)
+    w_return: torch.Tensor  # (C,)
+    b_return: torch.Tensor
+    w_state: torch.Tensor  # (C, obs) for addmv
+    b_state: torch.Tensor
+    w_action: torch.Tensor  # (C, act) for addmv, or the (n, C) embedding table
+    b_action: torch.Tensor | None
+    ln: tuple  # embed_ln
+    ln_f: tuple
+    w_out: torch.Tensor  # (act, C) for addmv
+    b_out: torch.Tensor
+
+    @classmethod
+    def of(cls, m: "DecisionTransformer") -> "EmbedWeights":
+        table = isinstance(m.embed_action, nn.Embedding)
+        return cls(m.embed_timestep.weight, m.embed_return.weight[:, 0].contiguous(),
+                   m.embed_return.bias, m.embed_state.weight, m.embed_state.bias,
+                   m.embed_action.weight, None if table else m.embed_action.bias,
+                   _ln_args(m.embed_ln), _ln_args(m.transformer.ln_f),
+                   m.predict_action.weight, m.predict_action.bias)
+
+
+class Ring:
+    """Timesteps [start, start+len) of an episode in arrays of 2*keep rows, so the live window
+    is always a contiguous view; when the end is reached the live rows move to the front
+    (once every `keep` steps: amortised O(1) per step)."""
+
+    def __init__(self, keep: int):
+        self.keep, self.cap = keep, 2 * keep
+        self.arrays: list[tuple[torch.Tensor, int]] = []
+        self.start = self.len = 0
+
+    def add(self, arr: torch.Tensor, rows_per_step: int) -> torch.Tensor:
+        self.arrays.append((arr, rows_per_step))
+        return arr
+
+    def reset(self) -> None:
+        self.start = self.len = 0
+
+    def push(self) -> int:
+        """Append a timestep; returns its row."""
+        if self.start + self.len == self.cap:  # start >= keep >= len: source and target disjoint
+            for arr, m in self.arrays:
+                arr[: self.len * m].copy_(arr[self.start * m: (self.start + self.len) * m])
+            self.start = 0
+        self.len += 1
+        return self.start + self.len - 1
+
+    def drop(self) -> None:
+        self.start += 1
+        self.len -= 1
+
+
+# ----------------------------------------------------------------------------- the policy
+
+class DTPolicy(FlatPolicy):
+    """FlatPolicy around a Decision Transformer; see the module docstring for inference modes."""
+
+    def __init__(self, model: nn.Module, action_space: gym.Space, obs_shape: tuple,
+                 context: int, rtg_scale: float, target_return: float, inference: str,
+                 obs_uint8: bool = False):
+        super().__init__()
+        if inference == "kv_cache" and not model.position_free:
+            raise ValueError("policy.inference: kv_cache needs a model without positional "
+                             "embeddings; use 'window'")
+        self.model = model
+        self.head = ActionHead(action_space)
+        self.context, self.rtg_scale, self.target_return = context, rtg_scale, target_return
+        self.inference = inference
+        self.finalize()
+        self._frames = obs_uint8
+        self._build_buffers(obs_shape, torch.uint8 if obs_uint8 else torch.float32)
+        self.reset()
+
+    def _build_buffers(self, obs_shape: tuple, obs_dtype: torch.dtype) -> None:
+        gpt = self.model.transformer.cfg
+        C, K = gpt.n_embd, self.context
+        kv = self.inference == "kv_cache"
+        ring = self.ring = Ring(K + 1 if kv else K)  # kv: a_{t-1} may still see step t-K
+        cap = ring.cap
+        act_shape = () if self.head.discrete else (self.head.size,)
+        act_dtype = torch.long if self.head.discrete else torch.float32
+        self._rtg = ring.add(torch.zeros(cap), 1)
+        self._states = ring.add(torch.zeros((cap, *obs_shape), dtype=obs_dtype), 1)
+        self._actions = ring.add(torch.zeros((cap, *act_shape), dtype=act_dtype), 1)
+        self._timesteps = ring.add(torch.zeros(cap, dtype=torch.long), 1)
+        # numpy views of the same memory: element writes from numpy are ~3x cheaper
+        self._np = {name: getattr(self, name).numpy()
+                    for name in ("_rtg", "_states", "_actions", "_timesteps")}
+        if kv:  # no token embeddings kept: every block's q, k, v per token (q too, since the
+            # product is written straight into this buffer)
+            self._qkv = [ring.add(torch.zeros(3 * cap, 3 * C), 3) for _ in range(gpt.n_layer)]
+            self._pre = torch.zeros(3, C)  # a_{t-1}, R̂_t, s_t before LayerNorm
+        else:
+            self._tok = ring.add(torch.zeros(3 * cap, C), 3)  # embedded tokens
+            if self.model.position_free:
+                self._qkv0 = ring.add(torch.zeros(3 * cap, 3 * C), 3)  # block 0's q, k, v
+        self._masks: dict = {}
+        self._packed: tuple | None = None
+
+    # --- episode interface
+    def reset(self, target_return: float | None = None) -> None:
+        target = self.target_return if target_return is None else target_return
+        self._rtg_now = float(target) * self.rtg_scale
+        self._t = 0
+        self._pending_action = False  # kv_cache: a_{t-1} still to run through the blocks
+        self.ring.reset()
+
+    def observe(self, reward: float) -> None:
+        self._rtg_now -= float(reward) * self.rtg_scale
+        self._t += 1
+
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray):
+        ring = self.ring
+        if self.inference != "kv_cache" and ring.len == self.context:
+            ring.drop()
+        slot = ring.push()
+        self._record(slot, obs)
+        if self.inference == "kv_cache":
+            out = self._kv_step(slot)
+        else:
+            m, t = self.model, self._t
+            self._tok[3 * slot] = m.return_token(self._rtg_now, t)
+            self._tok[3 * slot + 1] = m.state_token(self._states[slot], t)
+            out = self._window_step(slot) if self.inference == "window" else self.full_forward()
+        self.last_output = out  # raw action output (pre-squash / logits), for tests and tools
+        action = self.head(out)
+        self._np["_actions"][slot] = action
+        self._embed_action(slot)
+        self._pending_action = True
+        return action
+
+    def _record(self, slot: int, obs: np.ndarray) -> None:
+        """Raw history in the rolling buffers (the action is filled in after it is chosen)."""
+        if self._frames and np.asarray(obs).dtype != np.uint8:
+            raise ValueError("the image DT takes raw uint8 frames (it scales them itself); "
+                             "set env.normalize_obs: false")
+        self._np["_rtg"][slot] = self._rtg_now
+        self._np["_states"][slot] = np.reshape(obs, self._np["_states"].shape[1:])
+        self._np["_actions"][slot] = 0
+        self._np["_timesteps"][slot] = self._t
+
+    def _embed_action(self, slot: int) -> None:
+        a, t = self._actions[slot], self._t
+        if self.inference == "kv_cache":  # pre-LayerNorm; a_t runs through the blocks next step
+            e = self._packed[1]
+            row = self._pre[0]
+            if e.b_action is None:
+                torch.add(e.w_action[int(a)], e.time[min(t, len(e.time) - 1)], out=row)
+            else:
+                torch.addmv(e.b_action, e.w_action, a, out=row)
+                row += e.time[min(t, len(e.time) - 1)]
+            return
+        self._tok[3 * slot + 2] = self.model.action_token(a, t)
+        if self.inference == "window" and self.model.position_free:
+            rows = slice(3 * slot, 3 * slot + 3)
+            self._qkv0[rows] = self._block0_qkv(self._tok[rows])
+
+    # --- reference: the whole window through the modules (what Chen et al. run every step)
+    def full_forward(self, band: int | None = None) -> torch.Tensor:
+        """Raw action output for the newest state token, from the buffers' live window."""
+        lo, hi = self.ring.start, self.ring.start + self.ring.len
+        out = self.model(self._rtg[None, lo:hi], self._states[None, lo:hi],
+                         self._actions[None, lo:hi], self._timesteps[None, lo:hi], band=band)
+        return out[0, -1]
+
+    # --- packed weights for the per-step paths
+    def set_theta(self, theta: np.ndarray) -> None:
+        super().set_theta(theta)
+        self._packed = None
+
+    def set_perturbed(self, theta: np.ndarray, eps: np.ndarray, scale: float) -> None:
+        super().set_perturbed(theta, eps, scale)
+        self._packed = None
+
+    def _pack(self) -> tuple[list[LayerWeights], EmbedWeights | None]:
+        """Plain-tensor copies/views of the weights (see LayerWeights): a cache of the flat
+        vector, rebuilt after set_theta / set_perturbed (once per episode, ~1 ms)."""
+        if self._packed is None:
+            layers = [LayerWeights.of(blk) for blk in self.model.transformer.h]
+            embed = EmbedWeights.of(self.model) if self.inference == "kv_cache" else None
+            self._packed = (layers, embed)
+        return self._packed
+
+    def _block0_qkv(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._pack()[0][0].qkv(tokens)
+
+    # --- exact window path
+    def _window_step(self, slot: int) -> torch.Tensor:
+        gpt = self.model.transformer
+        C = gpt.cfg.n_embd
+        lo, hi = 3 * self.ring.start, 3 * slot + 2  # R̂, s, a, ..., R̂_t, s_t (no a_t yet)
+        x = self.model.window_input(self._tok[lo:hi], self._t)
+        cached = self.model.position_free
+        if cached:
+            self._qkv0[3 * slot: hi] = self._block0_qkv(self._tok[3 * slot: hi])
+        layers = self._pack()[0]
+        last = len(layers) - 1
+        for i, w in enumerate(layers):
+            qkv = self._qkv0[lo:hi] if (i == 0 and cached) else w.qkv(x)
+            k, v = qkv[:, C:2 * C], qkv[:, 2 * C:]
+            if i == last:  # only s_t's output is needed: one query against all keys
+                x = w.attn(x[-1:], qkv[-1:, :C], k, v)
+            else:
+                x = w.attn(x, qkv[:, :C], k, v, self._causal(hi - lo))
+            x = w.mlp(x)
+        return self.model.action_output(_ln(x[-1], gpt.ln_f))
+
+    def _causal(self, n: int) -> torch.Tensor:
+        if n not in self._masks:
+            self._masks[n] = _additive(trajectory_mask(n))
+        return self._masks[n]
+
+    # --- streaming K/V cache path
+    def _kv_step(self, slot: int) -> torch.Tensor:
+        ring, t = self.ring, self._t
+        layers, e = self._pack()
+        C = e.time.shape[1]
+        # tokens R̂_t, s_t (and a_{t-1}, embedded at the end of the last step) before LayerNorm
+        pre = self._pre if self._pending_action else self._pre[1:]
+        torch.add(e.b_return, e.w_return, alpha=self._rtg_now, out=self._pre[1])
+        torch.addmv(e.b_state, e.w_state, self._states[slot], out=self._pre[2])
+        self._pre[1:] += e.time[min(t, len(e.time) - 1)]
+        x = torch.layer_norm(pre, *e.ln)
+        first, lo, hi = 3 * slot + 2 - len(pre), 3 * ring.start, 3 * slot + 2
+        # R̂_t and s_t must not see timestep t-K (still held for a_{t-1}, which may)
+        off = 3 if ring.len == self.context + 1 else 0
+        mask = self._kv_mask(len(pre), hi - lo, off)
+        last = len(layers) - 1
+        for i, w in enumerate(layers):
+            qkv = w.qkv(x, out=self._qkv[i][first:hi])  # (nq, 3C), cached in place
+            if i == last:  # only s_t's output is needed
+                kv = self._qkv[i][lo + off:hi]
+                x = w.attn(x[-1:], qkv[-1:, :C], kv[:, C:2 * C], kv[:, 2 * C:])
+            else:
+                kv = self._qkv[i][lo:hi]
+                x = w.attn(x, qkv[:, :C], kv[:, C:2 * C], kv[:, 2 * C:], mask)
+            x = w.mlp(x)
+        self._pending_action = False
+        if ring.len == self.context + 1:
+            ring.drop()
+        return torch.addmv(e.b_out, e.w_out, torch.layer_norm(x[0], *e.ln_f))
+
+    def _kv_mask(self, nq: int, nk: int, off: int) -> torch.Tensor:
+        """(nq, nk) additive: query i is key nk-nq+i; it sees keys up to itself, and R̂_t, s_t
+        (the last two queries) none of the first `off` keys."""
+        key = (nq, nk, off)
+        if key not in self._masks:
+            qpos = torch.arange(nk - nq, nk)[:, None]
+            kpos = torch.arange(nk)[None, :]
+            mask = kpos <= qpos
+            mask[max(nq - 2, 0):, :off] = False
+            self._masks[key] = _additive(mask)
+        return self._masks[key]
+
+
+def make_dt(cfg, observation_space: gym.Space, action_space: gym.Space) -> DTPolicy:
+    """Vector observations, Box or Discrete actions (the continuous-control DT)."""
+    discrete = isinstance(action_space, gym.spaces.Discrete)
+    act_dim = int(action_space.n) if discrete else int(np.prod(action_space.shape))
+    obs_dim = int(np.prod(observation_space.shape))
+    gpt = GPTConfig(cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.inner_mult, "relu")
+    model = DecisionTransformer(obs_dim, act_dim, discrete, gpt, cfg.max_ep_len)
+    return DTPolicy(model, action_space, (obs_dim,), cfg.context, cfg.rtg_scale,
+                    cfg.target_return, cfg.inference)

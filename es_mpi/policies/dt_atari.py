@@ -1,0 +1,99 @@
+"""Decision Transformer for image observations and discrete actions (Chen et al. 2021, Atari).
+
+Tokens per timestep: R̂_t, s_t, a_t with
+    R̂ -> tanh(Linear(1, C))     s -> tanh(ConvEncoder(frames))     a -> tanh(Embedding(n, C))
+The transformer input is  token + global_pos_emb[t] + pos_emb[position in the window]  where t
+is the current episode timestep (what Chen et al. and Lorenc & Neruda feed when acting), then
+GPT blocks with GELU, ln_f and a bias-free head; the action is the argmax over the logits at
+the s_t token.
+
+Because the position embedding depends on where a token sits in the window, only the token
+contents are cached (each frame is encoded once, when it arrives: the costly part); the blocks
+run over the window every step (`policy.inference: window`, or `full` for the reference).
+
+Parameter count with C=128, 6 layers, 8 heads, K=30, 4 input frames and 18 actions (Hero):
+    state encoder 479,520 (convs 77,984 + Linear(3136, 128) 401,536)
+    embed_return 256   embed_action 2,304   pos_emb 90x128 = 11,520
+    6 blocks x 198,272 = 1,189,632   ln_f 256   head 2,304
+    = 1,685,792  +  global_pos_emb: 128 per row (max_ep_len rows)
+e.g. max_ep_len 6,300 -> 2,492,192 (≈2.49M, the paper's count; jobs/atari_hero.yaml), and
+2,492,768 with `policy.vbn` (scale and shift of 32+64+64+128 VBN features); Lorenc & Neruda's
+code passes max_timestep 10,000 (-> 2,965,792). Timesteps beyond max_ep_len use the last row.
+"""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from .dt import GPT, DTPolicy, GPTConfig, trajectory_mask
+from .encoders import ConvEncoder
+
+
+class AtariDecisionTransformer(nn.Module):
+    """(returns (B,T), frames (B,T,ch,84,84) uint8, actions (B,T) long, timesteps (B,T))
+    -> action logits (B,T,n) at the state tokens; global position from timesteps[:, -1]."""
+
+    position_free = False
+
+    def __init__(self, in_channels: int, n_actions: int, cfg: GPTConfig, context: int,
+                 max_ep_len: int, vbn: bool = False):
+        super().__init__()
+        C = cfg.n_embd
+        self.max_ep_len = max_ep_len
+        self.state_encoder = ConvEncoder(in_channels, C, vbn=vbn)  # the one place it is built
+        self.embed_return = nn.Linear(1, C)
+        self.embed_action = nn.Embedding(n_actions, C)
+        self.pos_emb = nn.Parameter(torch.zeros(1, 3 * context, C))
+        self.global_pos_emb = nn.Parameter(torch.zeros(1, max_ep_len, C))
+        self.transformer = GPT(cfg)
+        self.head = nn.Linear(C, n_actions, bias=False)
+        for m in (self.embed_return, self.embed_action, self.head, self.state_encoder.proj):
+            nn.init.normal_(m.weight, 0.0, 0.02)  # Chen et al.'s init for Linear/Embedding
+        nn.init.zeros_(self.embed_return.bias)
+        nn.init.zeros_(self.state_encoder.proj.bias)
+
+    def _global(self, t) -> torch.Tensor:
+        return self.global_pos_emb[0, torch.as_tensor(t).clamp(max=self.max_ep_len - 1)]
+
+    def forward(self, returns, frames, actions, timesteps, band: int | None = None):
+        B, T = returns.shape
+        r = torch.tanh(self.embed_return(returns.unsqueeze(-1)))
+        s = torch.tanh(self.state_encoder(frames.reshape(B * T, *frames.shape[2:]))).view(B, T, -1)
+        a = torch.tanh(self.embed_action(actions))
+        x = torch.stack((r, s, a), dim=2).reshape(B, 3 * T, -1)
+        x = x + self._global(timesteps[:, -1])[:, None] + self.pos_emb[:, : 3 * T]
+        h = self.transformer(x, trajectory_mask(3 * T, band))
+        return self.head(h[:, 1::3])
+
+    # --- one token at a time (contents only; positions are added in window_input)
+    def return_token(self, rtg: float, t: int) -> torch.Tensor:
+        return torch.tanh(self.embed_return.weight[:, 0] * rtg + self.embed_return.bias)
+
+    def state_token(self, frames: torch.Tensor, t: int) -> torch.Tensor:
+        return torch.tanh(self.state_encoder(frames[None]))[0]
+
+    def action_token(self, action: torch.Tensor, t: int) -> torch.Tensor:
+        return torch.tanh(self.embed_action.weight[int(action)])
+
+    def window_input(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        return tokens + self._global(t) + self.pos_emb[0, : len(tokens)]
+
+    def action_output(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.head.weight.t()
+
+
+def make_atari_dt(cfg, observation_space: gym.Space, action_space: gym.Space) -> DTPolicy:
+    """Image observations (channels, 84, 84), Discrete actions."""
+    if not isinstance(action_space, gym.spaces.Discrete):
+        raise ValueError("policy.kind dt with image observations needs a Discrete action space")
+    if tuple(observation_space.shape[1:]) != (84, 84):
+        raise ValueError(f"image DT expects (channels, 84, 84) frames, got "
+                         f"{observation_space.shape}")
+    gpt = GPTConfig(cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.inner_mult, "gelu")
+    model = AtariDecisionTransformer(observation_space.shape[0], int(action_space.n), gpt,
+                                     cfg.context, cfg.max_ep_len, vbn=cfg.vbn)
+    return DTPolicy(model, action_space, tuple(observation_space.shape), cfg.context,
+                    cfg.rtg_scale, cfg.target_return, cfg.inference,
+                    obs_uint8=observation_space.dtype == np.uint8)
