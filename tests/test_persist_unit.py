@@ -190,7 +190,9 @@ def write_runs(tmp_path, seeds=(0, 1, 2), lengths=(6, 6, 4)) -> list:
     for seed, n in zip(seeds, lengths):
         d = tmp_path / "exp" / f"seed{seed}"
         d.mkdir(parents=True)
-        cfg = load_job(ROOT / "jobs" / "quickstart.yaml", [f"run.seed={seed}", f"run.dir={d}"])
+        # explicit values, so the test does not follow retuning of the shipped quickstart
+        cfg = load_job(ROOT / "jobs" / "quickstart.yaml", [f"run.seed={seed}", f"run.dir={d}",
+                                                          "run.iterations=15", "es.sigma=0.05"])
         w = ResultsWriter(d / "results.h5", config_text=cfg.to_yaml())
         for i in range(n):
             w.append(fake_row(i, seed))
@@ -248,9 +250,9 @@ def test_inspect_reports_missing_paths(tmp_path, capsys):
 # ----------------------------------------------------------------------------- run.py helpers
 def test_config_differences_ignore_iterations_and_dir():
     from es_mpi.run import config_differences
-    cfg = load_job(ROOT / "jobs" / "quickstart.yaml")
+    cfg = load_job(ROOT / "jobs" / "quickstart.yaml", ["es.sigma=0.05"])
     saved = load_job(ROOT / "jobs" / "quickstart.yaml",
-                     ["run.iterations=99", "run.dir=/elsewhere"]).to_yaml()
+                     ["es.sigma=0.05", "run.iterations=99", "run.dir=/elsewhere"]).to_yaml()
     assert config_differences(saved, cfg) == []
     changed = load_job(ROOT / "jobs" / "quickstart.yaml", ["es.sigma=0.1"]).to_yaml()
     assert config_differences(changed, cfg) == ["es.sigma: 0.1 -> 0.05"]
