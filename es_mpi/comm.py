@@ -57,6 +57,12 @@ def any_rank(comm: MPI.Comm, flag: bool) -> bool:
     return bool(comm.allreduce(bool(flag), op=MPI.LOR))
 
 
+def first_failing_rank(comm: MPI.Comm, failed: bool) -> int | None:
+    """The lowest rank where `failed` is true, agreed on every rank; None if none failed."""
+    first = comm.allreduce(comm.Get_rank() if failed else comm.Get_size(), op=MPI.MIN)
+    return None if first == comm.Get_size() else first
+
+
 def theta_digest(theta: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(theta).tobytes(), digest_size=8).hexdigest()
 

@@ -12,7 +12,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one thread per rank; must precede numpy/torch imports
 
 import argparse  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -21,16 +20,10 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .config import ConfigError, JobConfig, load_job  # noqa: E402
-
-EXIT_OK = 0  # finished: run.iterations done (also when it was already done at start)
-EXIT_CONFIG_ERROR = 2  # bad job/overrides, or resume refused (config differs, no valid ckpt)
-EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1: checkpoint written; run the same command to resume
-EXIT_LAUNCHER_ERROR = 4  # SLURM started N>1 tasks but each got its own one-rank MPI world
-
-# Keys that may differ between a checkpoint's config and the resuming command's: extending a
-# run (run.iterations) and moving its directory (run.dir: the checkpoint was found there, so
-# a relative vs absolute spelling or a copied run dir is the same run) change no number.
-RESUME_IGNORED_KEYS = ("run.iterations", "run.dir")
+from .launch import (EXIT_CONFIG_ERROR, EXIT_LAUNCHER_ERROR, EXIT_OK,  # noqa: E402
+                     EXIT_PREEMPTED, PreemptionFlag, check_launcher)
+from .resume import (RESUME_IGNORED_KEYS, ResumeRefused, check_compatible,  # noqa: E402
+                     checkpoint_on_preemption, resume_or_start, write_checkpoint)
 
 EPILOG = f"""\
 Run directory: run.dir/config.yaml, results.h5, checkpoints/ckpt_NNNNNN.h5.
@@ -63,52 +56,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class PreemptionFlag:
-    """SIGTERM / SIGUSR1 set a flag, nothing more; the loop acts on it at iteration boundaries.
-
-    The handler runs no I/O and no MPI (a checkpoint inside a handler could interleave with
-    whatever the rank was doing). A signal that lands while the rank is blocked inside an MPI
-    call is recorded by Python's C-level handler and this method runs as soon as the call
-    returns, so the flag is always set before the next boundary's agreement.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def install(self) -> "PreemptionFlag":
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame) -> None:
-        self.signum = signum
-
-    def is_set(self) -> bool:
-        return self.signum is not None
-
-    def agreed(self, comm) -> bool:
-        """Collective: True on every rank if any rank has been signalled."""
-        from . import comm as mpi
-        return mpi.any_rank(comm, self.is_set())
-
-
 def agree(comm, step, *args):
     """Run `step(*args)` on every rank; if it raises ConfigError anywhere, all ranks return None.
 
     Bad input is reported once (by the lowest failing rank), with exit code 2 and no traceback,
     and no rank is left waiting in a collective for one that failed.
     """
-    from mpi4py import MPI
+    from . import comm as mpi
 
     result, error = None, None
     try:
         result = step(*args)
     except ConfigError as exc:
         error = str(exc)
-    first_failed = comm.allreduce(comm.Get_rank() if error else comm.Get_size(), op=MPI.MIN)
-    if first_failed < comm.Get_size():
+    first_failed = mpi.first_failing_rank(comm, error is not None)
+    if first_failed is not None:
         if comm.Get_rank() == first_failed:
             print(f"es_mpi: configuration error: {error}", file=sys.stderr, flush=True)
         return None
@@ -276,132 +238,6 @@ def format_row(row: dict) -> str:
             f"cap {row['episode_cap']:5d} | {row['iteration_seconds']:6.2f}s")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(saved_text: str, cfg: JobConfig,
-                       ignore: tuple[str, ...] = RESUME_IGNORED_KEYS) -> list[str]:
-    """'key: saved -> now' for every resolved key that differs, except the ignored ones.
-
-    The saved text is re-read through the current loader when possible, so keys added to
-    es_mpi since the checkpoint (with their defaults) do not count as differences.
-    """
-    import yaml
-
-    from .config import loads
-    try:
-        saved = loads(saved_text).to_dict()
-    except ConfigError:
-        saved = yaml.safe_load(saved_text) or {}
-    old, new = _flat(saved), _flat(cfg.to_dict())
-    missing = "<absent>"
-    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
-            for k in sorted(set(old) | set(new))
-            if k not in ignore and old.get(k, missing) != new.get(k, missing)]
-
-
-class ResumeRefused(Exception):
-    """run.dir holds a checkpoint this command must not continue (message says why)."""
-
-
-def _resume_decision(cfg: JobConfig, force: bool) -> tuple:
-    """Rank 0: ('fresh',) or ('resume', state, path) or ('refuse', message)."""
-    from .checkpoint import latest_valid_checkpoint, list_checkpoints
-
-    run_dir = Path(cfg.run.dir)
-    warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    found = latest_valid_checkpoint(run_dir, warn)
-    if found is None:
-        if list_checkpoints(run_dir) and not force:
-            return ("refuse", f"{run_dir}/checkpoints holds checkpoints but none passes its "
-                              "checksum; inspect them, or pass --force to start over")
-        return ("fresh",)
-    state, saved_text, path = found
-    diffs = config_differences(saved_text, cfg)
-    if diffs and not force:
-        return ("refuse", f"{path} was made with a different configuration:\n  "
-                + "\n  ".join(diffs) + f"\nOnly {' and '.join(RESUME_IGNORED_KEYS)} may change on "
-                "resume. Repeat the original job and overrides, choose a new run.dir, or pass "
-                "--force to resume with the new settings.")
-    if diffs:
-        warn("es_mpi: WARNING: --force: resuming with a changed configuration:\n  "
-             + "\n  ".join(diffs))
-    return ("resume", state, path)
-
-
-def resume_or_start(cfg: JobConfig, comm, force: bool = False):
-    """Collective: the checkpointed state to continue from (same on every rank), or None.
-
-    Rank 0 picks the newest checkpoint in run.dir that passes its checksum (skipping corrupt
-    ones with a warning) and checks its config; the state is broadcast, so only rank 0 needs
-    to see run.dir. None means start afresh (every rank builds the same initial state from
-    run.seed). Raises ResumeRefused on every rank when resuming is refused. Runs before the
-    runtime (envs, noise table) is built, so a refused or already complete run exits at once.
-    """
-    decision = _resume_decision(cfg, force) if comm.Get_rank() == 0 else None
-    decision = comm.bcast(decision, root=0)
-    if decision[0] == "refuse":
-        raise ResumeRefused(decision[1])
-    if decision[0] == "fresh":
-        return None
-    if comm.Get_rank() == 0:
-        print(f"es_mpi: resuming from {decision[2]} (iteration {decision[1].iteration})",
-              flush=True)
-    return decision[1]
-
-
-def check_compatible(state, rt: Runtime) -> None:
-    """A resumed theta must fit the policy (it may not after --force with another policy)."""
-    if state.theta.size != rt.policy.num_params:
-        raise ResumeRefused(f"the checkpoint's theta has {state.theta.size} parameters but "
-                            f"the policy has {rt.policy.num_params}")
-
-
-def rng_info(cfg: JobConfig) -> dict:
-    """How randomness is derived (recorded in checkpoints; no generator state is carried)."""
-    return dict(scheme="draws of iteration t: SeedSequence([run.seed, t, 0x5EED]); noise "
-                       "table chunk k: SeedSequence([noise_seed, k]); initial theta: "
-                       "torch.manual_seed(run.seed)",
-                run_seed=cfg.run.seed, noise_seed=cfg.es.noise_seed,
-                noise_table_size=cfg.es.noise_table_size)
-
-
-def write_checkpoint(cfg: JobConfig, state) -> Path:
-    """Rank 0: checkpoint `state`, then keep only the newest run.keep_checkpoints."""
-    from .checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
-
-    path = save_checkpoint(checkpoint_path(cfg.run.dir, state.iteration), state, cfg.to_yaml(),
-                           rng_info(cfg))
-    prune_checkpoints(cfg.run.dir, cfg.run.keep_checkpoints)
-    return path
-
-
-def _preempted(cfg: JobConfig, comm, flag: PreemptionFlag, state, saved: bool) -> int:
-    """All ranks: rank 0 checkpoints (unless this iteration is saved already); exit code 3."""
-    from .checkpoint import checkpoint_path
-
-    signalled = comm.gather(flag.signum, root=0)
-    if comm.Get_rank() == 0:
-        path = checkpoint_path(cfg.run.dir, state.iteration)
-        if not saved and state.iteration > 0:
-            write_checkpoint(cfg, state)
-        who = ", ".join(f"rank {r}: {signal.Signals(s).name}"
-                        for r, s in enumerate(signalled) if s is not None)
-        print(f"es_mpi: preempted ({who}) after iteration {state.iteration}; checkpoint "
-              f"{path if state.iteration > 0 else '(none needed)'}; run the same command to "
-              f"resume. Exit code {EXIT_PREEMPTED}.", flush=True)
-    comm.Barrier()  # no rank exits (and lets the launcher tear down) before the checkpoint
-    return EXIT_PREEMPTED
-
-
 def start(cfg: JobConfig, comm, env, policy, force: bool = False) -> tuple:
     """Collective: (state, runtime, None) to train from, or (None, None, exit code) to stop."""
     is_root = comm.Get_rank() == 0
@@ -414,7 +250,7 @@ def start(cfg: JobConfig, comm, env, policy, force: bool = False) -> tuple:
             return None, None, EXIT_OK
         rt = build_runtime(cfg, comm, env, policy)
         state = initial_state(rt) if state is None else state
-        check_compatible(state, rt)
+        check_compatible(state, rt.policy.num_params)
         prepare_vbn(cfg, comm, rt, state)
     except ResumeRefused as exc:
         if is_root:
@@ -441,6 +277,7 @@ def open_results(cfg: JobConfig, state, comm, rt: Runtime):
 
 def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
           force: bool = False) -> int:
+    """The loop: start or resume, iterate, log, checkpoint; stop at a preemption boundary."""
     from . import comm as mpi
 
     flag = flag or PreemptionFlag()
@@ -454,7 +291,7 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
     try:
         while state.iteration < cfg.run.iterations:
             if flag.agreed(comm):  # the iteration boundary: every rank decides the same
-                return _preempted(cfg, comm, flag, state, saved)
+                return checkpoint_on_preemption(cfg, comm, flag, state, saved)
             state, row = run_iteration(cfg, comm, rt, state)
             saved = False
             if cfg.run.verify_every and state.iteration % cfg.run.verify_every == 0:
@@ -473,36 +310,6 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
     mpi.check_identical(comm, state.theta, state.iteration - 1)
     comm.Barrier()
     return EXIT_OK
-
-
-def launcher_mismatch(env: dict, world_size: int) -> str | None:
-    """Why this launch is wrong, or None: SLURM says N>1 tasks but our MPI world has one rank.
-
-    That is what plain `srun` without a PMI plugin does: N independent singletons that would
-    each train the same run and write the same files.
-    """
-    var = next((v for v in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if env.get(v)), None)
-    if var is None or world_size != 1 or env.get("ES_ALLOW_SINGLETON") == "1":
-        return None
-    try:
-        tasks = int(env[var])
-    except ValueError:
-        return None
-    if tasks <= 1:
-        return None
-    return (f"SLURM started {tasks} tasks ({var}={tasks}) but this MPI world has 1 rank, so "
-            f"each task would train the same run alone. Launch one MPI world: "
-            f"`srun --mpi=pmi2` (or --mpi=pmix, whichever your MPI supports) or "
-            f"`mpiexec -n $SLURM_NTASKS` inside the allocation; in slurm/*.sh set ES_LAUNCHER. "
-            f"Set ES_ALLOW_SINGLETON=1 to run one rank on purpose.")
-
-
-def check_launcher(comm) -> bool:
-    """False (after printing why, once) if the launch gave us a one-rank world by mistake."""
-    problem = launcher_mismatch(os.environ, comm.Get_size())
-    if problem and os.environ.get("SLURM_PROCID", "0") == "0":
-        print(f"es_mpi: launcher error: {problem}", file=sys.stderr, flush=True)
-    return problem is None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from mpi_helpers import child_env, mpiexec_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results-format.md"
@@ -20,15 +20,11 @@ DOC = ROOT / "docs" / "results-format.md"
 SMALL = ["es.population=8", "es.noise_table_size=1000000", "es.eval_episodes=1"]
 
 
-def env() -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+env = child_env
 
 
 def command(n: int, run_dir: Path, overrides: list[str], extra: list[str] = ()) -> list[str]:
-    mpiexec = shutil.which("mpiexec") or "mpiexec"
-    return [mpiexec, "-n", str(n), sys.executable, "-m", "es_mpi.run",
+    return [mpiexec_path(), "-n", str(n), sys.executable, "-m", "es_mpi.run",
             str(ROOT / "jobs" / "quickstart.yaml"), f"run.dir={run_dir}", *SMALL, *overrides,
             *extra]
 

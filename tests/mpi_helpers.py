@@ -21,10 +21,12 @@ def mpiexec_path() -> str:
     return found
 
 
-def test_env(**extra: str) -> dict:
+def child_env(**extra: str) -> dict:
+    """This environment, plus the repo on PYTHONPATH and one thread per process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.setdefault(var, "1")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -34,7 +36,7 @@ def mpirun(n: int, args: list[str], timeout: float, cwd: str | Path = REPO,
            env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run `mpiexec -n n <python> args...`; raises subprocess.TimeoutExpired past `timeout`."""
     cmd = [mpiexec_path(), "-n", str(n), sys.executable, *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env or test_env(), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=cwd, env=env or child_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n"

@@ -1,12 +1,21 @@
 """Hero under real `mpiexec`: tiny runs, rank-count invariance, the VBN reference batch."""
 import re
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from _mpirun_atari import REPO, TINY_HERO, mpirun, run_job
+from mpi_helpers import REPO, mpirun
+from mpi_helpers import run_job as _run_job
+
+# A seconds-long Hero run: 2 pairs, 60 agent steps per episode, a 20 MB noise table.
+TINY_HERO = ("es.population=2", "run.iterations=2", "env.max_frames=240",
+             "es.noise_table_size=5000000", "es.eval_episodes=1", "policy.vbn_batch=16",
+             "run.checkpoint_every=1")
+
+
+def run_job(n, run_dir, *overrides, job="jobs/atari_hero_cnn.yaml", timeout=120, check=True):
+    return _run_job(n, run_dir, *overrides, job=job, timeout=timeout, check=check)
 from es_mpi.checkpoint import load_checkpoint, save_checkpoint
 from es_mpi.config import loads
 from es_mpi.envs import make_env
@@ -38,7 +47,7 @@ def test_vbn_reference_restored_from_checkpoint_on_every_rank(tmp_path):
     run_job(2, tmp_path, *TINY_HERO, "run.iterations=1", timeout=120)
     ckpt = tmp_path / "checkpoints" / "ckpt_000001.h5"
     proc = mpirun(2, [str(REPO / "tests/mpi_scripts/atari_vbn_resume.py"), str(ckpt)],
-                  timeout=120)
+                  timeout=120, check=True)
     lines = re.findall(r"rank (\d) ref (\w+) logits (\w+)", proc.stdout)
     assert sorted(r for r, _, _ in lines) == ["0", "1"]
     assert len({(ref, logits) for _, ref, logits in lines}) == 1
@@ -51,9 +60,6 @@ def test_hero_cnn_without_vbn_at_2_ranks(tmp_path):
     assert "vbn_reference" not in state.extras
 
 
-@pytest.mark.skipif(not (REPO / "es_mpi/policies/dt_atari.py").exists(),
-                    reason="the Atari Decision Transformer (es_mpi/policies/dt_atari.py) is "
-                           "not on this branch yet")
 def test_hero_dt_job_runs_at_2_ranks(tmp_path):
     proc = run_job(2, tmp_path, *TINY_HERO, job="jobs/atari_hero.yaml", timeout=240)
     count = int(re.search(r"with ([\d,]+) parameters", proc.stdout).group(1).replace(",", ""))
@@ -61,8 +67,6 @@ def test_hero_dt_job_runs_at_2_ranks(tmp_path):
     assert proc.stdout.count("iter ") == 2
 
 
-@pytest.mark.skipif("latest_valid_checkpoint" not in (REPO / "es_mpi/run.py").read_text(),
-                    reason="resume from run.dir is not on this branch yet")
 def test_resumed_run_keeps_the_checkpointed_reference_batch(tmp_path):
     run_job(2, tmp_path, *TINY_HERO, "run.iterations=1", timeout=120)
     ckpt = tmp_path / "checkpoints" / "ckpt_000001.h5"

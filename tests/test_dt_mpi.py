@@ -42,7 +42,7 @@ def test_dt_job_theta_size_and_rank_count_invariance(runs):
 
 def evaluate(*args: str, timeout: float = 240) -> str:
     proc = subprocess.run([sys.executable, "-m", "es_mpi.evaluate", *args], cwd=REPO,
-                          env=mpi_helpers.test_env(), capture_output=True, text=True,
+                          env=mpi_helpers.child_env(), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -77,7 +77,7 @@ def test_evaluate_never_imports_mpi(runs):
     code = ("import sys; from es_mpi.evaluate import main; "
             f"assert main([{str(runs / 'n1')!r}, '--episodes', '1']) == 0; "
             "assert 'mpi4py' not in sys.modules and 'es_mpi.comm' not in sys.modules")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=mpi_helpers.test_env(),
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=mpi_helpers.child_env(),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -89,7 +89,7 @@ def test_evaluate_run_dir_skips_a_corrupt_newest_checkpoint(runs, tmp_path):
     bad = run_dir / "checkpoints" / "ckpt_000003.h5"
     bad.write_bytes(good.read_bytes()[:5000])  # a torn newer file
     proc = subprocess.run([sys.executable, "-m", "es_mpi.evaluate", str(run_dir),
-                           "--episodes", "1"], cwd=REPO, env=mpi_helpers.test_env(),
+                           "--episodes", "1"], cwd=REPO, env=mpi_helpers.child_env(),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ckpt_000002.h5 (iteration 2)" in proc.stdout and "corrupt" in proc.stderr
@@ -97,6 +97,6 @@ def test_evaluate_run_dir_skips_a_corrupt_newest_checkpoint(runs, tmp_path):
 
 def test_evaluate_missing_path_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "es_mpi.evaluate", str(tmp_path / "nope")],
-                          cwd=REPO, env=mpi_helpers.test_env(), capture_output=True, text=True,
+                          cwd=REPO, env=mpi_helpers.child_env(), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr

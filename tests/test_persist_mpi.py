@@ -17,7 +17,7 @@ from _mpirun_persist import (ROOT, assert_same_rows, check_doc_agrees, env, kill
                              rank_pids, run_job, start_job, theta, wait_for)
 from es_mpi.checkpoint import checkpoint_path, list_checkpoints
 from es_mpi.results import read_results
-from es_mpi.run import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
+from es_mpi.launch import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(240)]
 
@@ -150,7 +150,7 @@ def test_sigusr1_to_mpiexec_is_forwarded_and_preempts(tmp_path):
 BLOCKED = """
 import os, signal, sys, threading, time
 from es_mpi import comm as mpi
-from es_mpi.run import PreemptionFlag
+from es_mpi.launch import PreemptionFlag
 comm = mpi.world()
 flag = PreemptionFlag().install()
 if comm.Get_rank() == 1:

@@ -249,7 +249,7 @@ def test_inspect_reports_missing_paths(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- run.py helpers
 def test_config_differences_ignore_iterations_and_dir():
-    from es_mpi.run import config_differences
+    from es_mpi.resume import config_differences
     cfg = load_job(ROOT / "jobs" / "quickstart.yaml", ["es.sigma=0.05"])
     saved = load_job(ROOT / "jobs" / "quickstart.yaml",
                      ["es.sigma=0.05", "run.iterations=99", "run.dir=/elsewhere"]).to_yaml()
@@ -259,7 +259,7 @@ def test_config_differences_ignore_iterations_and_dir():
 
 
 def test_preemption_flag_only_sets_a_flag():
-    from es_mpi.run import PreemptionFlag
+    from es_mpi.launch import PreemptionFlag
     old = {s: signal.getsignal(s) for s in PreemptionFlag.SIGNALS}
     try:
         for sig in PreemptionFlag.SIGNALS:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from es_mpi.run import launcher_mismatch
+from es_mpi.launch import launcher_mismatch
 import slurm_cluster as cluster_module
 from slurm_cluster import slurm_cluster  # noqa: F401  (pytest fixture)
 

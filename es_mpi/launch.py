@@ -1,0 +1,76 @@
+"""How a run is launched and stopped: exit codes, preemption signals, the launcher check.
+
+No MPI here: the collective parts take a `comm` and go through `es_mpi.comm`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+EXIT_OK = 0  # finished: run.iterations done (also when it was already done at start)
+EXIT_CONFIG_ERROR = 2  # bad job/overrides, or resume refused (config differs, no valid ckpt)
+EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1: checkpoint written; run the same command to resume
+EXIT_LAUNCHER_ERROR = 4  # SLURM started N>1 tasks but each got its own one-rank MPI world
+
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag, nothing more; the loop acts on it at iteration boundaries.
+
+    The handler runs no I/O and no MPI (a checkpoint inside a handler could interleave with
+    whatever the rank was doing). A signal that lands while the rank is blocked inside an MPI
+    call is recorded by Python's C-level handler and this method runs as soon as the call
+    returns, so the flag is always set before the next boundary's agreement.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> "PreemptionFlag":
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+    def agreed(self, comm) -> bool:
+        """Collective: True on every rank if any rank has been signalled."""
+        from . import comm as mpi
+        return mpi.any_rank(comm, self.is_set())
+
+
+def launcher_mismatch(env: dict, world_size: int) -> str | None:
+    """Why this launch is wrong, or None: SLURM says N>1 tasks but our MPI world has one rank.
+
+    That is what plain `srun` without a PMI plugin does: N independent singletons that would
+    each train the same run and write the same files.
+    """
+    var = next((v for v in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if env.get(v)), None)
+    if var is None or world_size != 1 or env.get("ES_ALLOW_SINGLETON") == "1":
+        return None
+    try:
+        tasks = int(env[var])
+    except ValueError:
+        return None
+    if tasks <= 1:
+        return None
+    return (f"SLURM started {tasks} tasks ({var}={tasks}) but this MPI world has 1 rank, so "
+            f"each task would train the same run alone. Launch one MPI world: "
+            f"`srun --mpi=pmi2` (or --mpi=pmix, whichever your MPI supports) or "
+            f"`mpiexec -n $SLURM_NTASKS` inside the allocation; in slurm/*.sh set ES_LAUNCHER. "
+            f"Set ES_ALLOW_SINGLETON=1 to run one rank on purpose.")
+
+
+def check_launcher(comm) -> bool:
+    """False (after printing why, once) if the launch gave us a one-rank world by mistake."""
+    problem = launcher_mismatch(os.environ, comm.Get_size())
+    if problem and os.environ.get("SLURM_PROCID", "0") == "0":
+        print(f"es_mpi: launcher error: {problem}", file=sys.stderr, flush=True)
+    return problem is None

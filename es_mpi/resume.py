@@ -1,0 +1,145 @@
+"""Where a run starts: the newest valid checkpoint in run.dir, or afresh; and saving one.
+
+Rank 0 alone reads and writes run.dir; the decision is broadcast, so every rank continues from
+the same state.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+from .config import ConfigError, JobConfig
+from .launch import EXIT_PREEMPTED, PreemptionFlag
+
+# Keys that may differ between a checkpoint's config and the resuming command's: extending a
+# run (run.iterations) and moving its directory (run.dir: the checkpoint was found there, so
+# a relative vs absolute spelling or a copied run dir is the same run) change no number.
+RESUME_IGNORED_KEYS = ("run.iterations", "run.dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved_text: str, cfg: JobConfig,
+                       ignore: tuple[str, ...] = RESUME_IGNORED_KEYS) -> list[str]:
+    """'key: saved -> now' for every resolved key that differs, except the ignored ones.
+
+    The saved text is re-read through the current loader when possible, so keys added to
+    es_mpi since the checkpoint (with their defaults) do not count as differences.
+    """
+    import yaml
+
+    from .config import loads
+    try:
+        saved = loads(saved_text).to_dict()
+    except ConfigError:
+        saved = yaml.safe_load(saved_text) or {}
+    old, new = _flat(saved), _flat(cfg.to_dict())
+    missing = "<absent>"
+    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
+            for k in sorted(set(old) | set(new))
+            if k not in ignore and old.get(k, missing) != new.get(k, missing)]
+
+
+class ResumeRefused(Exception):
+    """run.dir holds a checkpoint this command must not continue (message says why)."""
+
+
+def _resume_decision(cfg: JobConfig, force: bool) -> tuple:
+    """Rank 0: ('fresh',) or ('resume', state, path) or ('refuse', message)."""
+    from .checkpoint import latest_valid_checkpoint, list_checkpoints
+
+    run_dir = Path(cfg.run.dir)
+    warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    found = latest_valid_checkpoint(run_dir, warn)
+    if found is None:
+        if list_checkpoints(run_dir) and not force:
+            return ("refuse", f"{run_dir}/checkpoints holds checkpoints but none passes its "
+                              "checksum; inspect them, or pass --force to start over")
+        return ("fresh",)
+    state, saved_text, path = found
+    diffs = config_differences(saved_text, cfg)
+    if diffs and not force:
+        return ("refuse", f"{path} was made with a different configuration:\n  "
+                + "\n  ".join(diffs) + f"\nOnly {' and '.join(RESUME_IGNORED_KEYS)} may change on "
+                "resume. Repeat the original job and overrides, choose a new run.dir, or pass "
+                "--force to resume with the new settings.")
+    if diffs:
+        warn("es_mpi: WARNING: --force: resuming with a changed configuration:\n  "
+             + "\n  ".join(diffs))
+    return ("resume", state, path)
+
+
+def resume_or_start(cfg: JobConfig, comm, force: bool = False):
+    """Collective: the checkpointed state to continue from (same on every rank), or None.
+
+    Rank 0 picks the newest checkpoint in run.dir that passes its checksum (skipping corrupt
+    ones with a warning) and checks its config; the state is broadcast, so only rank 0 needs
+    to see run.dir. None means start afresh (every rank builds the same initial state from
+    run.seed). Raises ResumeRefused on every rank when resuming is refused. Runs before the
+    runtime (envs, noise table) is built, so a refused or already complete run exits at once.
+    """
+    decision = _resume_decision(cfg, force) if comm.Get_rank() == 0 else None
+    decision = comm.bcast(decision, root=0)
+    if decision[0] == "refuse":
+        raise ResumeRefused(decision[1])
+    if decision[0] == "fresh":
+        return None
+    if comm.Get_rank() == 0:
+        print(f"es_mpi: resuming from {decision[2]} (iteration {decision[1].iteration})",
+              flush=True)
+    return decision[1]
+
+
+def check_compatible(state, num_params: int) -> None:
+    """A resumed theta must fit the policy (it may not after --force with another policy)."""
+    if state.theta.size != num_params:
+        raise ResumeRefused(f"the checkpoint's theta has {state.theta.size} parameters but "
+                            f"the policy has {num_params}")
+
+
+def rng_info(cfg: JobConfig) -> dict:
+    """How randomness is derived (recorded in checkpoints; no generator state is carried)."""
+    return dict(scheme="draws of iteration t: SeedSequence([run.seed, t, 0x5EED]); noise "
+                       "table chunk k: SeedSequence([noise_seed, k]); initial theta: "
+                       "torch.manual_seed(run.seed)",
+                run_seed=cfg.run.seed, noise_seed=cfg.es.noise_seed,
+                noise_table_size=cfg.es.noise_table_size)
+
+
+def write_checkpoint(cfg: JobConfig, state) -> Path:
+    """Rank 0: checkpoint `state`, then keep only the newest run.keep_checkpoints."""
+    from .checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
+
+    path = save_checkpoint(checkpoint_path(cfg.run.dir, state.iteration), state, cfg.to_yaml(),
+                           rng_info(cfg))
+    prune_checkpoints(cfg.run.dir, cfg.run.keep_checkpoints)
+    return path
+
+
+def checkpoint_on_preemption(cfg: JobConfig, comm, flag: PreemptionFlag, state,
+                             saved: bool) -> int:
+    """All ranks: rank 0 checkpoints (unless this iteration is saved already); exit code 3."""
+    from .checkpoint import checkpoint_path
+
+    signalled = comm.gather(flag.signum, root=0)
+    if comm.Get_rank() == 0:
+        path = checkpoint_path(cfg.run.dir, state.iteration)
+        if not saved and state.iteration > 0:
+            write_checkpoint(cfg, state)
+        who = ", ".join(f"rank {r}: {signal.Signals(s).name}"
+                        for r, s in enumerate(signalled) if s is not None)
+        print(f"es_mpi: preempted ({who}) after iteration {state.iteration}; checkpoint "
+              f"{path if state.iteration > 0 else '(none needed)'}; run the same command to "
+              f"resume. Exit code {EXIT_PREEMPTED}.", flush=True)
+    comm.Barrier()  # no rank exits (and lets the launcher tear down) before the checkpoint
+    return EXIT_PREEMPTED
