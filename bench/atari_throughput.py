@@ -8,7 +8,7 @@ theta: no gymnasium, no ES, no perturbation (so no VBN re-statistics).
 es_mpi path: real ES iterations (`run.run_iteration`) of the job with a small population:
 perturbation (and the VBN reference forward it triggers), rollouts through `envs.make_env`,
 Allgatherv, noise reconstruction and the update.
-Frames = agent steps x frame_skip. `dt` runs only where es_mpi/policies/dt_atari.py exists.
+Frames = agent steps x frame_skip. Also run by `bench/throughput.py --suite hero`.
 Also printed: the cost of one VBN re-statistics (reference batch forward) per theta change.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from es_mpi import comm as mpi  # noqa: E402
 from es_mpi.config import load_job  # noqa: E402
 from es_mpi.envs_atari import AreaResize  # noqa: E402
-from es_mpi.run import build_runtime, initial_state, prepare_vbn, run_iteration  # noqa: E402
+from throughput import ESPath  # noqa: E402  (bench/, next to this script)
 
 JOBS = {  # label -> (job file, extra overrides)
     "cnn": ("jobs/atari_hero_cnn.yaml", []),
@@ -84,27 +84,6 @@ class BareALE:
         return steps * self.skip, time.perf_counter() - start
 
 
-class ESPath:
-    def __init__(self, cfg, comm):
-        self.cfg, self.comm = cfg, comm
-        self.rt = build_runtime(cfg, comm)
-        state = initial_state(self.rt)
-        prepare_vbn(cfg, comm, self.rt, state)
-        self.state, _ = run_iteration(cfg, comm, self.rt, state)  # warm-up
-        self.iterations = 0
-
-    def run(self, seconds: float) -> tuple[int, float]:
-        steps, start = 0, time.perf_counter()
-        while True:
-            before = self.state.timesteps
-            self.state, _ = run_iteration(self.cfg, self.comm, self.rt, self.state)
-            steps += self.state.timesteps - before
-            self.iterations += 1
-            if mpi.any_rank(self.comm, time.perf_counter() - start >= seconds):
-                break
-        return steps * self.cfg.env.frame_skip // self.comm.Get_size(), time.perf_counter() - start
-
-
 def vbn_refresh_seconds(policy, repeats: int = 5) -> float:
     enc = next((m for m in policy.modules() if getattr(m, "vbn", False)), None)
     if enc is None:
@@ -120,7 +99,7 @@ def bench(label: str, args, comm) -> None:
     cfg = load_job(REPO / job, [f"es.population={args.population}", "es.eval_episodes=0",
                                 "es.noise_table_size=20000000", f"env.max_frames={args.max_frames}",
                                 "run.dir=/tmp/es_mpi_atari_bench", *extra])
-    ours = ESPath(cfg, comm)
+    ours = ESPath(cfg, comm, frames_per_step=cfg.env.frame_skip)
     bare_policy = ours.rt.policy  # same module; the bare loop keeps theta fixed
     bare_policy.set_theta(ours.state.theta)
     bare = BareALE(cfg, bare_policy, seed=1 + comm.Get_rank())
@@ -158,10 +137,6 @@ def main() -> None:
     torch.set_num_threads(1)
     comm = mpi.world()
     for label in args.policies.split(","):
-        if label == "dt" and not (REPO / "es_mpi/policies/dt_atari.py").exists():
-            if comm.Get_rank() == 0:
-                print("Hero, dt: skipped (es_mpi/policies/dt_atari.py not on this branch)")
-            continue
         bench(label, args, comm)
 
 

@@ -1,6 +1,8 @@
 """Env steps per second per rank: the es_mpi training path vs a bare env+policy loop.
 
     mpiexec -n 2 python bench/throughput.py [--seconds 20] [--population 8]
+    mpiexec -n 2 python bench/throughput.py --suite hero     # Atari Hero (bench/atari_throughput.py)
+    mpiexec -n 2 python bench/throughput.py --suite all
 
 Bare loop: env.step + the same MLP forward (torch, one thread), no ES, no normalisation.
 es_mpi path: real ES iterations (`run.run_iteration`: perturbation, normalisation, rollouts,
@@ -28,7 +30,7 @@ from es_mpi import comm as mpi  # noqa: E402
 from es_mpi.config import load_job  # noqa: E402
 from es_mpi.envs import make_env  # noqa: E402
 from es_mpi.policies import make_policy  # noqa: E402
-from es_mpi.run import build_runtime, initial_state, run_iteration  # noqa: E402
+from es_mpi.run import build_runtime, initial_state, prepare_vbn, run_iteration  # noqa: E402
 
 
 class BareLoop:
@@ -56,12 +58,18 @@ class BareLoop:
 
 
 class ESPath:
-    """Whole ES iterations (`run.run_iteration`): rollout + Allgatherv + update."""
+    """Whole ES iterations (`run.run_iteration`): rollout + Allgatherv + update.
 
-    def __init__(self, cfg, comm):
-        self.cfg, self.comm = cfg, comm
+    `run` returns this rank's share of the env steps (times `frames_per_step`: frame skip for
+    Atari) and the seconds they took.
+    """
+
+    def __init__(self, cfg, comm, frames_per_step: int = 1):
+        self.cfg, self.comm, self.frames_per_step = cfg, comm, frames_per_step
         self.rt = build_runtime(cfg, comm)
-        self.state, _ = run_iteration(cfg, comm, self.rt, initial_state(self.rt))  # warm-up
+        state = initial_state(self.rt)
+        prepare_vbn(cfg, comm, self.rt, state)
+        self.state, _ = run_iteration(cfg, comm, self.rt, state)  # warm-up
         self.iterations = 0
 
     def run(self, seconds: float) -> tuple[int, float]:
@@ -74,7 +82,8 @@ class ESPath:
             # all ranks stop after the same iteration
             if mpi.any_rank(self.comm, time.perf_counter() - start >= seconds):
                 break
-        return steps // self.comm.Get_size(), time.perf_counter() - start  # per-rank share
+        share = steps * self.frames_per_step // self.comm.Get_size()
+        return share, time.perf_counter() - start
 
 
 def main() -> None:
@@ -83,9 +92,19 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--population", type=int, default=8, help="mirrored pairs per iteration")
     p.add_argument("--rounds", type=int, default=5, help="alternating bare/ES measurement rounds")
+    p.add_argument("--suite", choices=("humanoid", "hero", "all"), default="humanoid",
+                   help="hero/all: also Atari Hero frames/s (CNN, CNN without VBN, DT)")
     args = p.parse_args()
     torch.set_num_threads(1)
     comm = mpi.world()
+    if args.suite in ("hero", "all"):
+        import atari_throughput  # bench/, next to this script
+
+        hero_args = argparse.Namespace(seconds=30.0, rounds=3, population=4, max_frames=4000)
+        for label in atari_throughput.JOBS:
+            atari_throughput.bench(label, hero_args, comm)
+        if args.suite == "hero":
+            return
     cfg = load_job(args.job, [f"es.population={args.population}", "es.noise_table_size=20000000",
                               "es.eval_episodes=0", "run.dir=/tmp/es_mpi_bench"])
     bare, ours = BareLoop(cfg, seed=10_000 * comm.Get_rank()), ESPath(cfg, comm)
