@@ -108,7 +108,7 @@ def format_table(rows: list[dict]) -> str:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return "nan" if np.isnan(v) else f"{v:.4g}" if abs(v) < 1 else f"{v:,.2f}"
+        return "nan" if np.isnan(v) else f"{v:.3f}" if abs(v) < 1 else f"{v:,.2f}"
     if isinstance(v, (int, np.integer)):
         return f"{v:,d}"
     return str(v)
