@@ -8,6 +8,11 @@ import pytest
 from mpi_helpers import REPO, mpirun
 from mpi_helpers import run_job as _run_job
 
+from es_mpi.checkpoint import load_checkpoint, save_checkpoint
+from es_mpi.config import loads
+from es_mpi.envs import make_env
+from es_mpi.envs_atari import random_policy_observations
+
 # A seconds-long Hero run: 2 pairs, 60 agent steps per episode, a 20 MB noise table.
 TINY_HERO = ("es.population=2", "run.iterations=2", "env.max_frames=240",
              "es.noise_table_size=5000000", "es.eval_episodes=1", "policy.vbn_batch=16",
@@ -16,10 +21,7 @@ TINY_HERO = ("es.population=2", "run.iterations=2", "env.max_frames=240",
 
 def run_job(n, run_dir, *overrides, job="jobs/atari_hero_cnn.yaml", timeout=120, check=True):
     return _run_job(n, run_dir, *overrides, job=job, timeout=timeout, check=check)
-from es_mpi.checkpoint import load_checkpoint, save_checkpoint
-from es_mpi.config import loads
-from es_mpi.envs import make_env
-from es_mpi.envs_atari import random_policy_observations
+
 
 pytestmark = pytest.mark.mpi
 
@@ -60,11 +62,25 @@ def test_hero_cnn_without_vbn_at_2_ranks(tmp_path):
     assert "vbn_reference" not in state.extras
 
 
-def test_hero_dt_job_runs_at_2_ranks(tmp_path):
-    proc = run_job(2, tmp_path, *TINY_HERO, job="jobs/atari_hero.yaml", timeout=240)
-    count = int(re.search(r"with ([\d,]+) parameters", proc.stdout).group(1).replace(",", ""))
-    assert 2_400_000 < count < 2_600_000  # the paper's ~2.49M
-    assert proc.stdout.count("iter ") == 2
+def test_hero_dt_bitwise_equal_at_1_and_2_ranks_with_scoring_episodes(tmp_path):
+    """The paper's Atari DT job, shrunk; 400 frames is long enough for some episodes to score,
+    so the gathered returns (not only tie-broken ranks) drive the update."""
+    finals, rows = {}, {}
+    for n in (1, 2):
+        run_dir = tmp_path / f"n{n}"
+        proc = run_job(n, run_dir, *TINY_HERO, "es.population=4", "env.max_frames=400",
+                       job="jobs/atari_hero.yaml", timeout=240)
+        count = int(re.search(r"with ([\d,]+) parameters", proc.stdout).group(1).replace(",", ""))
+        assert 2_400_000 < count < 2_600_000  # the paper's ~2.49M
+        assert proc.stdout.count("iter ") == 2
+        finals[n], _ = load_checkpoint(run_dir / "checkpoints" / "ckpt_000002.h5")
+        with h5py.File(run_dir / "results.h5") as f:
+            rows[n] = {k: f["iterations"][k][()] for k in ("fitness_mean", "fitness_max",
+                                                            "timesteps", "eval_return")}
+    assert rows[1]["fitness_max"].max() > 0, "no episode scored: the test would not see returns"
+    for key in rows[1]:
+        assert np.array_equal(rows[1][key], rows[2][key]), key
+    assert np.array_equal(finals[1].theta.view(np.uint32), finals[2].theta.view(np.uint32))
 
 
 def test_resumed_run_keeps_the_checkpointed_reference_batch(tmp_path):
