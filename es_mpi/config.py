@@ -216,6 +216,17 @@ def _section_from_dict(name: str, data: Any, present: set[str]) -> Any:
     return cls(**kwargs)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'es': {'sigma': 0.1}} -> {'es.sigma': 0.1}; empty mappings stay leaves."""
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'es.sigma=0.1' -> ('es.sigma', 0.1); the value is parsed as YAML."""
     if "=" not in text:
@@ -237,9 +248,11 @@ def apply_override(data: dict, key: str, value: Any) -> None:
     if parts[0] not in _SECTION_CLASSES:
         raise ConfigError(f"unknown section {parts[0]!r} in {key!r}; sections: "
                           + ", ".join(_SECTION_CLASSES))
-    node = data.setdefault(parts[0], {})
-    for part in parts[1:-1]:
-        node = node.setdefault(part, {})
+    node = data
+    for part in parts[:-1]:
+        if node.get(part) is None:  # absent, or an empty section (`env:` with nothing under it)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {part!r} is not a mapping")
     node[parts[-1]] = value

@@ -24,6 +24,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from .config import ConfigError
+
 _registered = False
 
 
@@ -155,7 +157,7 @@ def make_atari_env(cfg, render_mode: str | None = None) -> gym.Env:
     try:
         env = gym.make(cfg.id, disable_env_checker=True, **kwargs)
     except gym.error.Error as exc:
-        raise ValueError(f"env.id: cannot make environment {cfg.id!r}: {exc}") from None
+        raise ConfigError(f"env.id: cannot make environment {cfg.id!r}: {exc}") from None
     wrapped = AtariPreprocessing(env, noop_max=cfg.noop_max, frame_skip=cfg.frame_skip,
                                  screen_size=cfg.screen_size, frame_stack=cfg.frame_stack,
                                  max_pool=cfg.max_pool_frames,

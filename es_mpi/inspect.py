@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .config import flatten
 from .results import read_attrs, read_results
 
 # Keys that tell seeds of one experiment apart; runs equal in everything else form a group.
@@ -35,16 +36,6 @@ class Run:
     @property
     def iterations(self) -> int:
         return len(self.columns.get("iteration", ()))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def find_results(paths: list[str]) -> list[Path]:
@@ -72,7 +63,7 @@ def load_runs(paths: list[str]) -> list[Run]:
     runs = []
     for p in find_results(paths):
         attrs = read_attrs(p)
-        config = _flat(yaml.safe_load(attrs.get("config") or "") or {})
+        config = flatten(yaml.safe_load(attrs.get("config") or "") or {})
         runs.append(Run(p, read_results(p), config))
     return runs
 

@@ -9,24 +9,49 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError, JobConfig
+from .checkpoint import (checkpoint_path, latest_valid_checkpoint, list_checkpoints,
+                         prune_checkpoints, save_checkpoint)
+from .config import ConfigError, JobConfig, flatten
 from .launch import EXIT_PREEMPTED, PreemptionFlag
 
-# Keys that may differ between a checkpoint's config and the resuming command's: extending a
-# run (run.iterations) and moving its directory (run.dir: the checkpoint was found there, so
-# a relative vs absolute spelling or a copied run dir is the same run) change no number.
-RESUME_IGNORED_KEYS = ("run.iterations", "run.dir")
+# Keys that may differ between a checkpoint's config and the resuming command's, because they
+# change no number of the run: extending it (run.iterations), moving its directory (run.dir:
+# the checkpoint was found there, so a relative vs absolute spelling or a copied run dir is
+# the same run), and how often it saves, prunes, checks or how many threads torch uses.
+RESUME_IGNORED_KEYS = ("run.iterations", "run.dir", "run.checkpoint_every",
+                       "run.keep_checkpoints", "run.verify_every", "run.torch_threads")
+
+# Lock files held by this process for the whole run: {run dir: open file}.
+_held_locks: dict[str, object] = {}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def lock_run_dir(run_dir: Path) -> str | None:
+    """Rank 0: hold an exclusive lock on run_dir/.lock; None, or who holds it already.
+
+    Two jobs writing one run.dir (a resubmission while the first still runs) would overwrite
+    each other's results and checkpoints. The OS drops the lock when the process dies, so a
+    killed or preempted job never leaves a stale lock behind.
+    """
+    import fcntl
+    import os
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return holder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"host {socket.gethostname()} pid {os.getpid()} "
+                 f"slurm job {os.environ.get('SLURM_JOB_ID', '-')}\n")
+    handle.flush()
+    _held_locks[str(run_dir)] = handle
+    return None
 
 
 def config_differences(saved_text: str, cfg: JobConfig,
@@ -43,7 +68,7 @@ def config_differences(saved_text: str, cfg: JobConfig,
         saved = loads(saved_text).to_dict()
     except ConfigError:
         saved = yaml.safe_load(saved_text) or {}
-    old, new = _flat(saved), _flat(cfg.to_dict())
+    old, new = flatten(saved), flatten(cfg.to_dict())
     missing = "<absent>"
     return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
             for k in sorted(set(old) | set(new))
@@ -56,27 +81,40 @@ class ResumeRefused(Exception):
 
 def _resume_decision(cfg: JobConfig, force: bool) -> tuple:
     """Rank 0: ('fresh',) or ('resume', state, path) or ('refuse', message)."""
-    from .checkpoint import latest_valid_checkpoint, list_checkpoints
-
     run_dir = Path(cfg.run.dir)
     warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    holder = lock_run_dir(run_dir)
+    if holder is not None:
+        return ("refuse", f"{run_dir} is in use by another es_mpi run ({holder}); wait for it "
+                          "to end or choose another run.dir")
     found = latest_valid_checkpoint(run_dir, warn)
     if found is None:
         if list_checkpoints(run_dir) and not force:
             return ("refuse", f"{run_dir}/checkpoints holds checkpoints but none passes its "
                               "checksum; inspect them, or pass --force to start over")
+        set_aside_newer(run_dir, -1, warn)  # --force: start over, keep the corrupt ones aside
         return ("fresh",)
     state, saved_text, path = found
     diffs = config_differences(saved_text, cfg)
     if diffs and not force:
         return ("refuse", f"{path} was made with a different configuration:\n  "
-                + "\n  ".join(diffs) + f"\nOnly {' and '.join(RESUME_IGNORED_KEYS)} may change on "
+                + "\n  ".join(diffs) + f"\nOnly {', '.join(RESUME_IGNORED_KEYS)} may change on "
                 "resume. Repeat the original job and overrides, choose a new run.dir, or pass "
                 "--force to resume with the new settings.")
     if diffs:
         warn("es_mpi: WARNING: --force: resuming with a changed configuration:\n  "
              + "\n  ".join(diffs))
+    set_aside_newer(run_dir, state.iteration, warn)
     return ("resume", state, path)
+
+
+def set_aside_newer(run_dir: Path, iteration: int, warn) -> None:
+    """Rename checkpoints newer than the one resumed (corrupt, else it would have been taken)
+    to *.corrupt: kept for inspection, but no longer counted by pruning or by resume."""
+    for it, path in list_checkpoints(run_dir):
+        if it > iteration:
+            path.rename(path.with_name(path.name + ".corrupt"))
+            warn(f"es_mpi: WARNING: moved corrupt {path.name} aside to {path.name}.corrupt")
 
 
 def resume_or_start(cfg: JobConfig, comm, force: bool = False):
@@ -118,8 +156,6 @@ def rng_info(cfg: JobConfig) -> dict:
 
 def write_checkpoint(cfg: JobConfig, state) -> Path:
     """Rank 0: checkpoint `state`, then keep only the newest run.keep_checkpoints."""
-    from .checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
-
     path = save_checkpoint(checkpoint_path(cfg.run.dir, state.iteration), state, cfg.to_yaml(),
                            rng_info(cfg))
     prune_checkpoints(cfg.run.dir, cfg.run.keep_checkpoints)
@@ -129,8 +165,6 @@ def write_checkpoint(cfg: JobConfig, state) -> Path:
 def checkpoint_on_preemption(cfg: JobConfig, comm, flag: PreemptionFlag, state,
                              saved: bool) -> int:
     """All ranks: rank 0 checkpoints (unless this iteration is saved already); exit code 3."""
-    from .checkpoint import checkpoint_path
-
     signalled = comm.gather(flag.signum, root=0)
     if comm.Get_rank() == 0:
         path = checkpoint_path(cfg.run.dir, state.iteration)

@@ -30,8 +30,9 @@ Run directory: run.dir/config.yaml, results.h5, checkpoints/ckpt_NNNNNN.h5.
 Running the same command again resumes from the newest checkpoint that passes its checksum
 (corrupt ones are reported and skipped) and recomputes, bitwise identically, the iterations
 after it. A config that differs from the checkpoint's in anything but
-{" and ".join(RESUME_IGNORED_KEYS)} is refused unless --force. A run that is already
-complete exits 0 at once.
+{", ".join(RESUME_IGNORED_KEYS)}
+is refused unless --force. A run that is already complete exits 0 at once. Only one run at a
+time may use a run.dir (rank 0 holds run.dir/.lock); a second one is refused with exit 2.
 
 Exit codes:
   {EXIT_OK}  done (run.iterations reached; also when it already was at start)
@@ -104,6 +105,10 @@ def build_env_and_policy(cfg: JobConfig) -> tuple:
     if policy.num_params > cfg.es.noise_table_size:
         raise ConfigError(f"es.noise_table_size={cfg.es.noise_table_size} is smaller than the "
                           f"policy's {policy.num_params:,} parameters")
+    if cfg.policy.vbn:
+        from .policies.vbn import uses_vbn
+        if not uses_vbn(policy):
+            raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")
     return env, policy
 
 
@@ -147,8 +152,7 @@ def prepare_vbn(cfg: JobConfig, comm, rt: Runtime, state) -> None:
         ref = mpi.broadcast_array(comm, ref)
         state.extras[EXTRAS_KEY] = ref
     mpi.check_identical(comm, ref, state.iteration - 1, what="VBN reference batch")
-    if set_vbn_reference(rt.policy, ref) == 0:
-        raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")
+    set_vbn_reference(rt.policy, ref)  # build_env_and_policy checked that it has VBN layers
 
 
 def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dict]:
@@ -312,19 +316,25 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    flag = PreemptionFlag().install()  # first: a signal during start-up must not kill us
-    args = parse_args(argv)
-    from . import comm as mpi
-
-    comm = mpi.world()
+def launch(comm, args, flag: PreemptionFlag) -> int:
+    """Check the launcher, load the job, build env and policy (all ranks agree), then train."""
     if not check_launcher(comm):
         return EXIT_LAUNCHER_ERROR
     cfg = agree(comm, load_job, args.job, args.overrides)
     built = cfg and agree(comm, build_env_and_policy, cfg)
     if not built:
         return EXIT_CONFIG_ERROR
-    return mpi.abort_on_exception(comm, train, cfg, comm, *built, flag, args.force)
+    return train(cfg, comm, *built, flag, args.force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    flag = PreemptionFlag().install()  # first: a signal during start-up must not kill us
+    args = parse_args(argv)
+    from . import comm as mpi
+
+    comm = mpi.world()
+    # Any exception on any rank, set-up included, ends the whole job (no rank left waiting).
+    return mpi.abort_on_exception(comm, launch, comm, args, flag)
 
 
 if __name__ == "__main__":

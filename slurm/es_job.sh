@@ -39,7 +39,9 @@ es_setup() {
     RUN_DIR=${ES_RUN_ROOT:-results/$ES_JOB_NAME}/seed$SEED
     read -r -a ES_OVERRIDE_ARGS <<< "${ES_OVERRIDES:-}"  # split on blanks, no globbing
     case ${ES_LAUNCHER:-srun} in
-        srun) LAUNCH=(srun "--mpi=${ES_SRUN_MPI:-pmi2}" --kill-on-bad-exit=0) ;;
+        # --kill-on-bad-exit: a rank that dies without Python's abort (segfault, OOM kill)
+        # must not leave the others waiting in a collective until the time limit
+        srun) LAUNCH=(srun "--mpi=${ES_SRUN_MPI:-pmi2}" --kill-on-bad-exit=1) ;;
         mpiexec|mpirun) LAUNCH=("$ES_LAUNCHER" -n "${SLURM_NTASKS:?not in a SLURM job}") ;;
         *) es_log "ES_LAUNCHER=$ES_LAUNCHER: expected srun, mpiexec or mpirun"; exit 1 ;;
     esac
@@ -49,6 +51,17 @@ es_setup() {
 }
 
 es_run() {
+    # run.seed and run.dir come from the array index (ES_SEED_BASE, ES_RUN_ROOT); a second one
+    # in the overrides would silently win and send every array task to one run directory
+    local word n_dir=0 n_seed=0
+    for word in "$@"; do
+        case $word in run.dir=*) n_dir=$((n_dir + 1)) ;; run.seed=*) n_seed=$((n_seed + 1)) ;; esac
+    done
+    if (( n_dir > 1 || n_seed > 1 )); then
+        es_log "run.dir / run.seed are set per array task: use ES_RUN_ROOT and ES_SEED_BASE" \
+            "instead of overriding them"
+        exit "$EXIT_CONFIG_ERROR"
+    fi
     ES_SIGNALS=0 ES_CHILD=
     # USR1 from `--signal=B:USR1@T` (or scancel --signal=USR1 --batch), TERM from preemption:
     # pass USR1 on to the launcher, which forwards it to every rank; they checkpoint and exit 3

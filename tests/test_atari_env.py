@@ -165,3 +165,10 @@ def test_config_keys_and_refusals(tmp_path):
         assert "population: 40000" in text and "iterations: 60" in text
     assert load_job(__import__("pathlib").Path(__file__).parents[1]
                     / "jobs/atari_hero_cnn.yaml").es.population == 40000
+
+
+def test_unknown_ale_id_is_a_config_error():
+    from es_mpi.config import ConfigError, EnvConfig
+    from es_mpi.envs import make_env
+    with pytest.raises(ConfigError, match="env.id: cannot make environment 'ALE/Heroo-v5'"):
+        make_env(EnvConfig(id="ALE/Heroo-v5", normalize_obs=False))

@@ -83,3 +83,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_resolved_yaml_round_trips():
     cfg = load_job(QUICK, ["es.sigma=0.25"])
     assert config.loads(cfg.to_yaml()) == cfg
+
+
+def test_overrides_fill_an_empty_section(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("env:\nes: {population: 4, sigma: 0.1}\nrun: {seed: 1, iterations: 2, dir: x}\n")
+    cfg = load_job(job, ["env.id=Hopper-v5", "env.kwargs.reset_noise_scale=0.1"])
+    assert cfg.env.id == "Hopper-v5" and cfg.env.kwargs == {"reset_noise_scale": 0.1}
+    with pytest.raises(ConfigError, match="env.id: expected a string"):
+        load_job(job, ["env.id.x=1"])
+
+
+def test_flatten():
+    assert config.flatten({"a": {"b": 1, "c": {}}, "d": 2}) == {"a.b": 1, "a.c": {}, "d": 2}

@@ -93,6 +93,17 @@ def test_exception_on_one_rank_ends_the_job_with_its_traceback(tmp_path):
     assert "RuntimeError: injected failure on rank 1" in proc.stderr
 
 
+def test_setup_failure_on_one_rank_ends_the_job(tmp_path):
+    """Not a config error, and only on one rank (a node without a ROM, say): no hang."""
+    start = time.monotonic()
+    proc = mpirun(3, [str(REPO / "tests/mpi_scripts/inject.py"), "setup", "2", "0",
+                      "jobs/quickstart.yaml", f"run.dir={tmp_path}", *TINY], timeout=60)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 30
+    assert "rank 2 of 3 failed" in proc.stderr
+    assert "OSError: injected set-up failure on rank 2" in proc.stderr
+
+
 @pytest.mark.slow
 def test_quickstart_learns(tmp_path):
     proc = run_job(2, tmp_path, timeout=300)

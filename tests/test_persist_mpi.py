@@ -83,15 +83,34 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(reference, tmp_pat
         fh.write(bytes([b ^ 0x10]))
 
     # resumed at 3 ranks: the rank count is not part of the state (theta is rank-invariant)
+    # keep_checkpoints may change on resume; with 1 kept, pruning must not keep the corrupt file
     resumed = run_job(3, run_dir, [POP, "run.iterations=6",
-                                   "run.checkpoint_every=2"])
+                                   "run.checkpoint_every=2", "run.keep_checkpoints=1"])
     assert resumed.returncode == 0, resumed.stderr
     assert "skipping corrupt checkpoint" in resumed.stderr and "ckpt_000004.h5" in resumed.stderr
     assert "ckpt_000002.h5 (iteration 2)" in resumed.stdout
+    assert [it for it, _ in list_checkpoints(run_dir)] == [6]
+    assert (run_dir / "checkpoints" / "ckpt_000004.h5.corrupt").exists()
     # rows 2, 3 were recomputed; the result equals the uninterrupted run
     assert theta(checkpoint_path(run_dir, 6)).tobytes() == theta(
         checkpoint_path(reference, 6)).tobytes()
     assert_same_rows(run_dir / "results.h5", reference / "results.h5")
+
+
+def test_a_second_run_on_a_run_dir_in_use_is_refused(tmp_path):
+    import fcntl
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a+") as held:  # what a running job's rank 0 holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("host elsewhere pid 1 slurm job 42\n")
+        held.flush()
+        refused = run_job(2, run_dir, [POP, "run.iterations=1"])
+    assert refused.returncode == EXIT_CONFIG_ERROR
+    assert "is in use by another es_mpi run (host elsewhere pid 1 slurm job 42)" in refused.stderr
+    assert not (run_dir / "results.h5").exists() and not (run_dir / "checkpoints").exists()
+    again = run_job(2, run_dir, [POP, "run.iterations=1"])  # the lock is free now
+    assert again.returncode == 0, again.stderr
 
 
 def test_resume_with_a_different_config_is_refused_unless_forced(reference, tmp_path):

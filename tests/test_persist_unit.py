@@ -256,6 +256,10 @@ def test_config_differences_ignore_iterations_and_dir():
     assert config_differences(saved, cfg) == []
     changed = load_job(ROOT / "jobs" / "quickstart.yaml", ["es.sigma=0.1"]).to_yaml()
     assert config_differences(changed, cfg) == ["es.sigma: 0.1 -> 0.05"]
+    bookkeeping = load_job(ROOT / "jobs" / "quickstart.yaml", [
+        "es.sigma=0.05", "run.checkpoint_every=1", "run.keep_checkpoints=9",
+        "run.verify_every=0", "run.torch_threads=2"]).to_yaml()
+    assert config_differences(bookkeeping, cfg) == []
 
 
 def test_preemption_flag_only_sets_a_flag():

@@ -226,3 +226,18 @@ def test_resubmitting_the_script_continues_each_seed(slurm_cluster, tmp_path: Pa
         assert re.search(r"^iter\s+2\b(.|\n)*resuming from(.|\n)*^iter\s+3\b", log, re.M), log
         assert not re.search(r"^iter\s+[0-2]\b", log[log.index("resuming from"):], re.M), \
             "the second submission recomputed finished iterations:\n" + log
+
+
+def test_run_dir_and_seed_overrides_are_refused(tmp_path) -> None:
+    """They come from the array index; a second one would send every task to one run dir."""
+    body = REPO / "slurm" / "es_job.sh"
+    for extra in ("run.dir=/scratch/x", "run.seed=7"):
+        script = (f"source {body}; RUN_DIR={tmp_path}; "
+                  f"es_run true run.seed=1 run.dir={tmp_path} {extra}")
+        proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "use ES_RUN_ROOT and ES_SEED_BASE" in proc.stdout
+    ok = subprocess.run(["bash", "-c", f"source {body}; RUN_DIR={tmp_path}; "
+                         f"es_run true run.seed=1 run.dir={tmp_path}"],
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stdout + ok.stderr

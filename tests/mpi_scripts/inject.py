@@ -2,6 +2,7 @@
 
     inject.py raise RANK ITERATION JOB [overrides]   -> RuntimeError in an episode on RANK
     inject.py diverge RANK ITERATION JOB [overrides] -> RANK's theta update is nudged
+    inject.py setup RANK 0 JOB [overrides]           -> OSError while RANK makes its env
 """
 import runpy
 import sys
@@ -9,7 +10,7 @@ import sys
 import numpy as np
 
 from es_mpi import comm as mpi
-from es_mpi import es, rollout
+from es_mpi import envs, es, rollout
 
 mode, bad_rank, bad_iter = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rank = mpi.world().Get_rank()
@@ -24,6 +25,12 @@ if mode == "raise" and rank == bad_rank:
         return real_episode(*args, **kwargs)
 
     rollout.run_episode = failing_episode
+
+if mode == "setup" and rank == bad_rank:
+    def failing_make_env(*args, **kwargs):
+        raise OSError(f"injected set-up failure on rank {rank}")
+
+    envs.make_env = failing_make_env
 
 real_update = es.es_update
 
