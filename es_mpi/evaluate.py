@@ -196,6 +196,16 @@ def _join_negative_rtg(argv: list[str]) -> list[str]:
     return out
 
 
+def recording_fps(rec: "Evaluator") -> int:
+    """Real time: one recorded frame per agent step (ALE: frame_skip frames of a 60 Hz console;
+    MuJoCo envs set render_fps to 1 / step duration)."""
+    from .envs_atari import is_atari
+
+    if is_atari(rec.cfg.env.id):
+        return max(1, round(60 / rec.cfg.env.frame_skip))
+    return int(rec.env.metadata.get("render_fps", 30))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.episodes < 1:
@@ -226,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         width, height = (int(v) for v in args.video_size.lower().split("x"))
         rec = Evaluator(ckpt, render=True, size=(width, height))
         frames, ret = rec.record(args.seed, rtgs[0], args.max_steps)
-        fps = args.fps or int(rec.env.metadata.get("render_fps", 30))
+        fps = args.fps or recording_fps(rec)
         write_video(args.video, frames, fps)
         rec.env.close()
         print(f"video: {args.video} ({len(frames)} frames at {fps} fps, return {ret:.2f}, "

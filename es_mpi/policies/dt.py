@@ -456,12 +456,9 @@ class DTPolicy(FlatPolicy):
         return out[0, -1]
 
     # --- packed weights for the per-step paths
-    def set_theta(self, theta: np.ndarray) -> None:
-        super().set_theta(theta)
-        self._packed = None
-
-    def set_perturbed(self, theta: np.ndarray, eps: np.ndarray, scale: float) -> None:
-        super().set_perturbed(theta, eps, scale)
+    def _theta_changed(self) -> None:
+        """Every write of theta goes through FlatPolicy's hook: drop the packed copies."""
+        super()._theta_changed()
         self._packed = None
 
     def _pack(self) -> tuple[list[LayerWeights], EmbedWeights | None]:

@@ -50,7 +50,7 @@ class AtariDecisionTransformer(nn.Module):
         self.transformer = GPT(cfg)
         self.head = nn.Linear(C, n_actions, bias=False)
         for m in (self.embed_return, self.embed_action, self.head, self.state_encoder.proj):
-            nn.init.normal_(m.weight, 0.0, 0.02)  # Chen et al.'s init for Linear/Embedding
+            nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-style N(0, 0.02) for Linear/Embedding
         nn.init.zeros_(self.embed_return.bias)
         nn.init.zeros_(self.state_encoder.proj.bias)
 
