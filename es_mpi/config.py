@@ -74,6 +74,7 @@ class ESConfig:
     adam_eps: float = 1e-8  # Adam denominator epsilon
     fitness_shaping: Literal["centered_ranks", "pair_ranks"] = "centered_ranks"  # return -> weight
     divide_by_sigma: bool = True  # gradient is sum(w eps)/(N sigma); False drops 1/sigma (OpenAI)
+    grad_divisor: Literal["pairs", "episodes"] = "pairs"  # divide by N pairs, or 2N episodes (OpenAI)
     weight_decay: float = 0.005  # decay coefficient lambda
     weight_decay_mode: Literal["decoupled", "l2", "none"] = "decoupled"  # theta*(1-lambda) or L2 in g
     episode_cap_factor: float = 2.0  # cap = min(limit, factor x previous mean length); 0 disables

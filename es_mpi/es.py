@@ -65,9 +65,15 @@ def weighted_noise_sum(table: np.ndarray, offsets: np.ndarray, weights: np.ndarr
 
 
 def gradient_estimate(noise_sum: np.ndarray, n_pairs: int, sigma: float,
-                      divide_by_sigma: bool = True) -> np.ndarray:
-    """g = sum_j w_j eps_j / (N sigma), or / N when divide_by_sigma is False (OpenAI starter)."""
-    return noise_sum / (n_pairs * (sigma if divide_by_sigma else 1.0))
+                      divide_by_sigma: bool = True, divisor: str = "pairs") -> np.ndarray:
+    """g = sum_j w_j eps_j / (N sigma) (Lorenc & Neruda).
+
+    OpenAI's starter code divides by the 2N episodes and not by sigma: divide_by_sigma=False,
+    divisor="episodes". Under Adam the overall scale hardly matters, but it weighs the
+    gradient against the L2 term, so reproducing their settings needs their form.
+    """
+    count = 2 * n_pairs if divisor == "episodes" else n_pairs
+    return noise_sum / (count * (sigma if divide_by_sigma else 1.0))
 
 
 # ----------------------------------------------------------------------------- optimisers

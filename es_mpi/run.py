@@ -204,7 +204,8 @@ def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dic
     ret_pos, ret_neg = pairs[:, 1], pairs[:, 2]
     weights = es.fitness_weights(ret_pos, ret_neg, cfg.es.fitness_shaping)
     noise_sum = es.weighted_noise_sum(table, draws.offsets, weights, 0, dim)
-    grad = es.gradient_estimate(noise_sum, n, cfg.es.sigma, cfg.es.divide_by_sigma)
+    grad = es.gradient_estimate(noise_sum, n, cfg.es.sigma, cfg.es.divide_by_sigma,
+                                cfg.es.grad_divisor)
     theta, opt = es.es_update(state.theta, grad, state.opt, cfg.es)
     stats = state.obs_stats
     for row in obs:  # fixed order (by j), so the float64 sums are the same everywhere

@@ -51,6 +51,8 @@ def test_gradient_estimate_scaling():
     s = np.ones(3)
     np.testing.assert_allclose(es.gradient_estimate(s, 10, 0.5), s / 5)
     np.testing.assert_allclose(es.gradient_estimate(s, 10, 0.5, divide_by_sigma=False), s / 10)
+    openai = es.gradient_estimate(s, 10, 0.5, divide_by_sigma=False, divisor="episodes")
+    np.testing.assert_allclose(openai, s / 20)
 
 
 def test_es_gradient_points_uphill_on_a_linear_function():
