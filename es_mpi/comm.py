@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import numpy as np
 from mpi4py import MPI
 
 from . import noise
+
+ABORT_GRACE_SECONDS = 1.0  # between writing a failed rank's traceback and MPI_Abort
 
 
 def world() -> MPI.Comm:
@@ -136,4 +139,8 @@ def abort_on_exception(comm: MPI.Comm, fn, *args, **kwargs):
         sys.stderr.write(f"[es_mpi] rank {comm.Get_rank()} of {comm.Get_size()} failed:\n")
         traceback.print_exc()
         sys.stderr.flush()
+        # MPI_Abort makes the launcher kill every process at once; give it a moment to forward
+        # what this rank just wrote, or the traceback can be lost with the job (seen with
+        # MPICH's hydra when a rank fails right after start-up).
+        time.sleep(ABORT_GRACE_SECONDS)
         comm.Abort(1)
