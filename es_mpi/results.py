@@ -104,12 +104,6 @@ class ResultsWriter:
     def __len__(self) -> int:
         return int(self.grp["iteration"].shape[0])
 
-    def truncate(self, n_rows: int) -> None:
-        """Drop rows beyond `n_rows` (rows written after the checkpoint being resumed)."""
-        for name in COLUMNS:
-            self.grp[name].resize((n_rows,))
-        self.file.flush()
-
     def append(self, row: dict) -> None:
         """Add one row; columns missing from `row` get NaN (floats) or -1 (integers).
 

@@ -216,6 +216,7 @@ def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dic
     lengths = pairs[:, 3:5].astype(np.int64).ravel()
     returns = pairs[:, 1:3].ravel()
     iteration_seconds = t3 - t0
+    theta64 = theta.astype(np.float64)
     new_state = type(state)(
         iteration=state.iteration + 1, theta=theta, opt=opt, obs_stats=stats,
         prev_lengths=lengths, timesteps=state.timesteps + int(lengths.sum()),
@@ -231,8 +232,8 @@ def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dic
         eval_length=evals[:, 2].mean() if len(evals) else np.nan,
         episode_length_mean=lengths.mean(), episode_cap=cap,
         grad_norm=float(np.linalg.norm(grad)),
-        update_norm=float(np.linalg.norm(theta.astype(np.float64) - state.theta)),
-        theta_norm=float(np.linalg.norm(theta.astype(np.float64))), obs_count=stats.count)
+        update_norm=float(np.linalg.norm(theta64 - state.theta)),
+        theta_norm=float(np.linalg.norm(theta64)), obs_count=stats.count)
     return new_state, row
 
 
