@@ -13,10 +13,11 @@ Also printed: the cost of one VBN re-statistics (reference batch forward) per th
 """
 from __future__ import annotations
 
-import os
+import os  # noqa: F401
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+from es_mpi.determinism import pin_cpu_kernels
+
+pin_cpu_kernels()  # as es_mpi.run: one thread per rank, the same CPU kernels
 
 import argparse  # noqa: E402
 import sys  # noqa: E402

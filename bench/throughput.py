@@ -11,9 +11,11 @@ Both run on every rank at once, so the per-rank numbers include the contention o
 """
 from __future__ import annotations
 
-import os
+import os  # noqa: F401
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from es_mpi.determinism import pin_cpu_kernels
+
+pin_cpu_kernels()  # as es_mpi.run: one thread per rank, the same CPU kernels
 
 import argparse  # noqa: E402
 import sys  # noqa: E402

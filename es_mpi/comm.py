@@ -55,6 +55,13 @@ def gather_by_key(comm: MPI.Comm, rows: np.ndarray, n_keys: int | None = None) -
     return allrows
 
 
+def allreduce_sum(comm: MPI.Comm, array: np.ndarray) -> np.ndarray:
+    """Element-wise sum over ranks (use for integers only: those sum exactly in any order)."""
+    out = np.empty_like(array)
+    comm.Allreduce(np.ascontiguousarray(array), out, op=MPI.SUM)
+    return out
+
+
 def any_rank(comm: MPI.Comm, flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank."""
     return bool(comm.allreduce(bool(flag), op=MPI.LOR))

@@ -25,17 +25,22 @@ class ConfigError(ValueError):
 class EnvConfig:
     id: str = "InvertedPendulum-v5"  # gymnasium environment id
     max_episode_steps: Optional[int] = None  # episode limit; None = the env's own limit
-    obs_stat_prob: float = 0.01  # probability an episode's observations feed the obs statistics
-    normalize_obs: bool = True  # normalise observations with running mean/std (clipped to ±5)
+    obs_stat_prob: float = 0.01  # probability that each training episode's observations feed the obs statistics
+    normalize_obs: bool = True  # normalise observations with running mean/std (per pixel for frames)
+    obs_var_floor: float = 1e-2  # std = sqrt(max(var, obs_var_floor)) (both references: 1e-2)
+    obs_clip: Optional[float] = None  # clip normalised obs to ±obs_clip; null = none (Lorenc), 5 (OpenAI)
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for gymnasium.make
-    # Atari (ids 'ALE/...') preprocessing; defaults are Lorenc & Neruda's (Machado et al. 2018)
+    # Atari (ids 'ALE/...') preprocessing; defaults are Lorenc & Neruda's code
     frame_skip: int = 4  # emulator frames per agent step (action repeated, reward summed)
     max_pool_frames: bool = True  # observation = pixel max of the last two frames of a step
-    noop_max: int = 30  # reset plays 1..noop_max no-op steps (uniform, from the reset seed)
+    noop_max: int = 0  # reset plays 1..noop_max no-op steps (uniform, from the reset seed); 0 = none
     screen_size: int = 84  # frames are resized (area average) to screen_size x screen_size
     grayscale: bool = True  # greyscale frames (False is not supported: 1 channel per frame)
     frame_stack: int = 4  # observation = the last frame_stack frames, (frame_stack, 84, 84) uint8
-    repeat_action_probability: float = 0.0  # ALE sticky actions; 0 = none (the paper)
+    # the stack after reset: zeros and the first frame (Lorenc), or the first frame repeated
+    # (gymnasium's FrameStackObservation)
+    frame_stack_reset: Literal["zeros", "repeat"] = "zeros"
+    repeat_action_probability: float = 0.0  # ALE sticky actions; 0 = none (Lorenc), 0.25 (Machado et al.)
     full_action_space: bool = False  # 18 actions for every game instead of the game's minimal set
     max_frames: int = 108_000  # emulator frames per episode before truncation (30 min of play)
     terminal_on_life_loss: bool = False  # end the episode when a life is lost
@@ -47,8 +52,19 @@ class PolicyConfig:
     kind: Literal["mlp", "cnn", "dt"] = "mlp"  # architecture; dt = Decision Transformer
     hidden: list = field(default_factory=lambda: [256, 256])  # MLP hidden layer widths
     activation: Literal["tanh", "relu"] = "tanh"  # MLP hidden activation
+    # continuous actions: tanh = tanh(out) in [-1, 1] to the env, which clamps (Lorenc);
+    # bounds = mid + half * tanh(out), inside the Box; linear = out itself (OpenAI)
+    action_mapping: Literal["tanh", "bounds", "linear"] = "tanh"
+    # discrete actions: argmax of the logits, or a sample from their softmax (Lorenc's Atari DT),
+    # drawn from (run.seed, iteration, j, sign)
+    discrete_action: Literal["argmax", "sample"] = "argmax"
+    init: Literal["torch", "normc"] = "torch"  # MLP init: PyTorch default, or OpenAI's normc
+    action_noise_std: float = 0.0  # N(0, std^2) added to continuous actions in training episodes (OpenAI 0.01)
     vbn: bool = False  # virtual batch norm in the image encoder (Salimans et al. 2017)
     vbn_batch: int = 128  # observations in the VBN reference batch (collected once per run)
+    # image encoders multiply frames by this; null = 1/255 for raw uint8 frames, 1 for frames
+    # normalised per pixel (env.normalize_obs). Lorenc's code: 1 always (raw 0..255 pixels)
+    frame_scale: Optional[float] = None
     # Decision Transformer (defaults: Chen et al. 2021 gym DT, as Lorenc & Neruda on Humanoid)
     context: int = 20  # DT: timesteps K in the attention window (3K tokens: R, s, a)
     n_embd: int = 128  # DT: token embedding width
@@ -56,8 +72,15 @@ class PolicyConfig:
     n_head: int = 1  # DT: attention heads (must divide n_embd)
     inner_mult: int = 4  # DT: MLP inner width = inner_mult * n_embd
     max_ep_len: int = 1000  # DT: rows of the timestep embedding (later steps use the last row)
-    rtg_scale: float = 0.001  # DT: returns-to-go are fed as R * rtg_scale (1/1000)
+    rtg_scale: float = 0.001  # DT: returns-to-go are fed as R * rtg_scale (1/1000; Atari: 1)
     target_return: float = 6000.0  # DT: initial return-to-go of an episode, in reward units
+    scaled_residual_init: bool = False  # DT: GPT-2's N(0, 0.02/sqrt(2 n_layer)) residual projections
+    #                                     (nanoGPT); False = N(0, 0.02) everywhere (both references)
+    dropout: float = 0.0  # DT: dropout on the GPT input, attention weights and residuals, active
+    #                       in every episode, masks drawn from (run.seed, iteration, j, sign)
+    # image DT: init of the return embedding and the conv encoder: torch = PyTorch default
+    # (Chen et al.'s Atari code, Lorenc), normal = N(0, 0.02) like the GPT weights
+    embed_init: Literal["torch", "normal"] = "torch"
     # DT per-step forward: window (exact), kv_cache (streaming, fastest), full (reference)
     inference: Literal["window", "kv_cache", "full"] = "window"
 
@@ -72,9 +95,13 @@ class ESConfig:
     adam_beta1: float = 0.9  # Adam first-moment decay
     adam_beta2: float = 0.999  # Adam second-moment decay
     adam_eps: float = 1e-8  # Adam denominator epsilon
-    fitness_shaping: Literal["centered_ranks", "pair_ranks"] = "centered_ranks"  # return -> weight
-    divide_by_sigma: bool = True  # gradient is sum(w eps)/(N sigma); False drops 1/sigma (OpenAI)
-    grad_divisor: Literal["pairs", "episodes"] = "pairs"  # divide by N pairs, or 2N episodes (OpenAI)
+    fitness_shaping: Literal["pair_ranks", "centered_ranks"] = "pair_ranks"  # return -> weight
+    tie_break: Literal["average", "position"] = "average"  # equal returns: mean rank, or by j
+    # reset seeds: one per iteration for all 2N episodes (Lorenc), one per pair (both signs
+    # alike), or one per episode (OpenAI); also keys the episodes' own randomness the same way
+    env_seeds: Literal["per_iteration", "per_pair", "per_episode"] = "per_iteration"
+    divide_by_sigma: bool = True  # gradient is sum(w eps)/(count sigma); False drops 1/sigma (OpenAI)
+    grad_divisor: Literal["episodes", "pairs"] = "episodes"  # count = 2N episodes (both refs) or N pairs
     weight_decay: float = 0.005  # decay coefficient lambda
     weight_decay_mode: Literal["decoupled", "l2", "none"] = "decoupled"  # theta*(1-lambda) or L2 in g
     episode_cap_factor: float = 2.0  # cap = min(limit, factor x previous mean length); 0 disables
@@ -143,6 +170,11 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "policy.inner_mult": (lambda v: v > 0, "a positive integer"),
     "policy.max_ep_len": (lambda v: v > 0, "a positive integer"),
     "policy.rtg_scale": (lambda v: v > 0, "a positive number"),
+    "policy.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "policy.frame_scale": (lambda v: v is None or v > 0, "a positive number or null"),
+    "policy.action_noise_std": (lambda v: v >= 0, "a number >= 0"),
+    "env.obs_var_floor": (lambda v: v > 0, "a positive number"),
+    "env.obs_clip": (lambda v: v is None or v > 0, "a positive number or null (no clipping)"),
     "run.seed": (lambda v: v >= 0, "an integer >= 0"),
     "run.iterations": (lambda v: v > 0, "a positive integer"),
     "run.dir": (lambda v: v.strip() != "", "a non-empty path"),
@@ -284,10 +316,14 @@ def from_dict(data: Any, source: str = "job") -> JobConfig:
 
 def _check_combinations(cfg: JobConfig) -> None:
     """Rules that involve more than one key."""
-    if cfg.env.id.startswith("ALE/") and cfg.env.normalize_obs:
-        raise ConfigError("env.normalize_obs: must be false for Atari (ALE/...) environments; "
-                          "frames are scaled by 1/255 in the encoder (use policy.vbn for "
-                          "data-dependent normalisation)")
+    pol = cfg.policy
+    if pol.dropout > 0 and pol.inference == "kv_cache":
+        raise ConfigError("policy.dropout: needs policy.inference 'window' or 'full' (dropout "
+                          "masks are redrawn for every token at every step, so no per-block "
+                          "keys/values can be cached)")
+    if pol.vbn and cfg.env.normalize_obs:
+        raise ConfigError("policy.vbn: use either virtual batch norm or env.normalize_obs "
+                          "(per-pixel running normalisation), not both")
 
 
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:

@@ -6,7 +6,8 @@ The semantics are those of gymnasium's `AtariPreprocessing` followed by
 - step: the action is repeated `frame_skip` frames, rewards summed (never clipped by default),
   the observation is the pixel-wise max of the last two frames (Atari flicker);
 - frames are greyscale, area-resized to 84x84, and the last 4 are stacked: (4, 84, 84) uint8,
-  oldest first; after reset the first frame fills the stack;
+  oldest first; after reset the stack holds zeros and the first frame (Lorenc & Neruda's
+  wrapper; `env.frame_stack_reset: zeros`) or the first frame repeated (gymnasium's default);
 - no sticky actions; the ALE truncates an episode at `max_frames` emulator frames (no-ops count).
 
 It is written here rather than composed from gymnasium's wrappers for three reasons:
@@ -74,7 +75,7 @@ class AtariPreprocessing(gym.Wrapper):
     def __init__(self, env: gym.Env, noop_max: int = 30, frame_skip: int = 4,
                  screen_size: int = 84, frame_stack: int = 4, max_pool: bool = True,
                  terminal_on_life_loss: bool = False, clip_rewards: bool = False,
-                 fast_reset: bool = True):
+                 fast_reset: bool = True, stack_reset: str = "zeros"):
         super().__init__(env)
         ale_env = env.unwrapped
         if getattr(ale_env, "_frameskip", None) != 1:
@@ -84,6 +85,9 @@ class AtariPreprocessing(gym.Wrapper):
         self.ale = ale_env.ale
         self.action_set = ale_env._action_set
         self.noop_max, self.frame_skip, self.max_pool = noop_max, frame_skip, max_pool
+        if stack_reset not in ("zeros", "repeat"):
+            raise ValueError(f"env.frame_stack_reset: unknown mode {stack_reset!r}")
+        self.stack_reset = stack_reset
         self.terminal_on_life_loss, self.clip_rewards = terminal_on_life_loss, clip_rewards
         h, w = self.ale.getScreenDims()
         self.resize = AreaResize((h, w), screen_size)
@@ -114,8 +118,8 @@ class AtariPreprocessing(gym.Wrapper):
                 _, info = self.env.reset(seed=seed, options=options)
         self.lives = self.ale.lives()
         self.ale.getScreenGrayscale(self.screens[0])
-        frame = self.resize(self.screens[0])
-        self.stack[:] = frame
+        self.stack[:] = 0 if self.stack_reset == "zeros" else self.resize(self.screens[0])
+        self.stack[-1] = self.resize(self.screens[0])
         return self.stack.copy(), info
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -162,7 +166,8 @@ def make_atari_env(cfg, render_mode: str | None = None) -> gym.Env:
                                  screen_size=cfg.screen_size, frame_stack=cfg.frame_stack,
                                  max_pool=cfg.max_pool_frames,
                                  terminal_on_life_loss=cfg.terminal_on_life_loss,
-                                 clip_rewards=cfg.clip_rewards)
+                                 clip_rewards=cfg.clip_rewards,
+                                 stack_reset=cfg.frame_stack_reset)
     # agent steps the frame cap allows; env.max_episode_steps may lower it further
     steps = -(-cfg.max_frames // cfg.frame_skip)
     if cfg.max_episode_steps is not None:

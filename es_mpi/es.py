@@ -11,37 +11,62 @@ import numpy as np
 
 
 # ----------------------------------------------------------------------------- fitness shaping
-def ranks(x: np.ndarray) -> np.ndarray:
-    """0-based ranks of a 1-D array; ties broken by position (stable), so the result is exact."""
+def ranks(x: np.ndarray, ties: str = "average") -> np.ndarray:
+    """0-based ranks of a 1-D array as float64.
+
+    ties="average": equal values share the mean of the ranks they span (they carry no
+    information, so they get equal weight); ties="position": equal values are ranked in order
+    of position (a stable sort), the deterministic stand-in for the references' np.argsort.
+    Either way the result depends on the values only, never on who computed them.
+    """
+    x = np.asarray(x)
     order = np.argsort(x, kind="stable")
-    out = np.empty(x.size, dtype=np.int64)
-    out[order] = np.arange(x.size)
+    out = np.empty(x.size, dtype=np.float64)
+    if ties == "position":
+        out[order] = np.arange(x.size)
+        return out
+    if ties != "average":
+        raise ValueError(f"unknown tie rule {ties!r}")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each run of ties
+    counts = np.diff(np.r_[starts, x.size])
+    mean_rank = starts + (counts - 1) / 2.0  # mean of starts .. starts + counts - 1
+    out[order] = np.repeat(mean_rank, counts)
     return out
 
 
-def centered_ranks(x: np.ndarray) -> np.ndarray:
+def centered_ranks(x: np.ndarray, ties: str = "average") -> np.ndarray:
     """Ranks of all entries of x (any shape) mapped linearly onto [-0.5, 0.5] (OpenAI-ES)."""
     flat = np.asarray(x, dtype=np.float64).ravel()
     if flat.size < 2:
         return np.zeros(np.shape(x))
-    y = ranks(flat).astype(np.float64) / (flat.size - 1) - 0.5
+    y = ranks(flat, ties) / (flat.size - 1) - 0.5
     return y.reshape(np.shape(x))
 
 
-def fitness_weights(returns_pos: np.ndarray, returns_neg: np.ndarray, shaping: str) -> np.ndarray:
-    """Weight w_j of eps_j in the gradient, shape (N,).
+def _centered_rank_weights(pos: np.ndarray, neg: np.ndarray, ties: str) -> np.ndarray:
+    """Salimans et al.: rank all 2N returns onto [-0.5, 0.5]; w_j = r+_j - r-_j."""
+    r = centered_ranks(np.stack([pos, neg], axis=1), ties)
+    return r[:, 0] - r[:, 1]
 
-    centered_ranks: rank all 2N returns together onto [-0.5, 0.5]; w_j = r+_j - r-_j.
-    pair_ranks:     rank the N differences F+_j - F-_j onto [-1, 1] (Lorenc & Neruda).
-    """
+
+def _pair_rank_weights(pos: np.ndarray, neg: np.ndarray, ties: str) -> np.ndarray:
+    """Lorenc & Neruda: rank the N differences F+_j - F-_j onto [-1, 1]."""
+    return 2.0 * centered_ranks(pos - neg, ties)
+
+
+# fitness_shaping key -> (returns+, returns-, tie rule) -> weights (N,)
+FITNESS_SHAPING = {"centered_ranks": _centered_rank_weights, "pair_ranks": _pair_rank_weights}
+
+
+def fitness_weights(returns_pos: np.ndarray, returns_neg: np.ndarray, shaping: str,
+                    ties: str = "average") -> np.ndarray:
+    """Weight w_j of eps_j in the gradient, shape (N,), by the registered `shaping`."""
+    if shaping not in FITNESS_SHAPING:
+        raise ValueError(f"unknown fitness shaping {shaping!r}")
     pos = np.asarray(returns_pos, dtype=np.float64)
     neg = np.asarray(returns_neg, dtype=np.float64)
-    if shaping == "centered_ranks":
-        r = centered_ranks(np.stack([pos, neg], axis=1))
-        return r[:, 0] - r[:, 1]
-    if shaping == "pair_ranks":
-        return 2.0 * centered_ranks(pos - neg)
-    raise ValueError(f"unknown fitness shaping {shaping!r}")
+    return FITNESS_SHAPING[shaping](pos, neg, ties)
 
 
 # ----------------------------------------------------------------------------- gradient
@@ -65,12 +90,14 @@ def weighted_noise_sum(table: np.ndarray, offsets: np.ndarray, weights: np.ndarr
 
 
 def gradient_estimate(noise_sum: np.ndarray, n_pairs: int, sigma: float,
-                      divide_by_sigma: bool = True, divisor: str = "pairs") -> np.ndarray:
-    """g = sum_j w_j eps_j / (N sigma) (Lorenc & Neruda).
+                      divide_by_sigma: bool = True, divisor: str = "episodes") -> np.ndarray:
+    """g = sum_j w_j eps_j / (count * sigma), count = 2N episodes or N pairs.
 
-    OpenAI's starter code divides by the 2N episodes and not by sigma: divide_by_sigma=False,
-    divisor="episodes". Under Adam the overall scale hardly matters, but it weighs the
-    gradient against the L2 term, so reproducing their settings needs their form.
+    Lorenc & Neruda: their table holds sigma*eps and they divide by 2 N sigma^2, i.e.
+    sum(w eps) / (2 N sigma): divisor="episodes", divide_by_sigma=True.
+    OpenAI's starter: sum(w eps) / 2N (no 1/sigma): divisor="episodes", divide_by_sigma=False.
+    Under Adam the overall scale hardly matters, but it weighs the gradient against the L2
+    term, and under SGD it is the step size.
     """
     count = 2 * n_pairs if divisor == "episodes" else n_pairs
     return noise_sum / (count * (sigma if divide_by_sigma else 1.0))
@@ -147,7 +174,10 @@ def adaptive_episode_cap(env_limit: int, prev_lengths: np.ndarray | None, factor
 # ----------------------------------------------------------------------------- obs statistics
 @dataclass
 class ObsStats:
-    """Running sums of observations (float64) for normalisation: mean and std with a floor."""
+    """Running sums of observations (float64) for normalisation: mean and std with a floor.
+
+    Both references: std = sqrt(max(sumsq / count - mean^2, var_floor)) with var_floor 1e-2.
+    """
 
     sum: np.ndarray
     sumsq: np.ndarray
@@ -167,6 +197,5 @@ class ObsStats:
     def mean(self) -> np.ndarray:
         return self.sum / self.count
 
-    @property
-    def std(self) -> np.ndarray:
-        return np.sqrt(np.maximum(self.sumsq / self.count - self.mean**2, 1e-4))
+    def std(self, var_floor: float = 1e-2) -> np.ndarray:
+        return np.sqrt(np.maximum(self.sumsq / self.count - self.mean**2, var_floor))

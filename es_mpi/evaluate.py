@@ -14,10 +14,11 @@ Reads files only: never imports es_mpi.comm or mpi4py.
 """
 from __future__ import annotations
 
-import os
+import os  # noqa: F401
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # one thread, as in training: same numbers
+from .determinism import pin_cpu_kernels
+
+pin_cpu_kernels()  # one thread and the same kernels as in training: same numbers
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -81,7 +82,7 @@ class Evaluator:
         from .envs_atari import is_atari
         from .policies import make_policy
         from .policies.vbn import restore_vbn_reference
-        from .rollout import Normalizer
+        from .rollout import make_normalizer
 
         torch.set_num_threads(1)
         self.cfg = cfg = loads(ckpt.config_text)
@@ -92,23 +93,24 @@ class Evaluator:
         self.env = make_env(env_cfg, render_mode="rgb_array" if render else None)
         self.limit = episode_limit(self.env)
         self.policy = make_policy(cfg.policy, self.env.observation_space,
-                                  self.env.action_space, cfg.run.seed)
+                                  self.env.action_space, cfg.run.seed,
+                                  obs_normalized=cfg.env.normalize_obs)
         if ckpt.theta.size != self.policy.num_params:
             raise ValueError(f"{ckpt.path}: theta has {ckpt.theta.size} values, the policy of "
                              f"its config {self.policy.num_params}")
         self.policy.set_theta(ckpt.theta)
         restore_vbn_reference(self.policy, ckpt.extras)  # Atari encoders with VBN
-        self.normalize = Normalizer()
-        if cfg.env.normalize_obs:
-            self.normalize = Normalizer(ckpt.obs_stats.mean, ckpt.obs_stats.std)
+        self.normalize = make_normalizer(cfg.env, ckpt.obs_stats)
 
     def run(self, episodes: int, seed: int, target_return: float | None = None,
             max_steps: int | None = None) -> Evaluation:
         from .rollout import run_episode
 
         cap = min(self.limit, max_steps or self.limit)
+        # the policy's own randomness (dropout, sampled actions) is seeded by the episode seed
         res = [run_episode(self.env, self.policy, seed + i, cap, self.normalize,
-                           target_return=target_return) for i in range(episodes)]
+                           target_return=target_return, episode_seed=seed + i)
+               for i in range(episodes)]
         return Evaluation(target_return, np.array([r.ret for r in res]),
                           np.array([r.length for r in res]))
 
@@ -120,7 +122,7 @@ class Evaluator:
         recorder = _FrameRecorder(self.env)
         cap = min(self.limit, max_steps or self.limit)
         res = run_episode(recorder, self.policy, seed, cap, self.normalize,
-                          target_return=target_return)
+                          target_return=target_return, episode_seed=seed)
         return recorder.frames, res.ret
 
 

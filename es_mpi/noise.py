@@ -38,13 +38,30 @@ class Draws:
     """What perturbation j of one iteration needs, for every j: derived from (seed, t, j) only."""
 
     offsets: np.ndarray  # (N,) int64, eps_j = table[offsets[j] : offsets[j] + dim]
-    env_seeds: np.ndarray  # (N,) int64, reset seed shared by the +/- episodes of pair j
-    record_obs: np.ndarray  # (N,) bool, pair j's + episode feeds the observation statistics
+    env_seeds: np.ndarray  # (N, 2) int64, reset seeds of episodes (j, +) and (j, -)
+    record_obs: np.ndarray  # (N, 2) bool, episode (j, +) / (j, -) feeds the observation statistics
     eval_seeds: np.ndarray  # (E,) int64, reset seeds of the unperturbed evaluation episodes
 
 
+# es.env_seeds -> how many distinct reset seeds an iteration's 2N episodes get
+ENV_SEED_MODES = ("per_iteration", "per_pair", "per_episode")
+
+
+def _env_seeds(rng: np.random.Generator, population: int, mode: str) -> np.ndarray:
+    """(N, 2) reset seeds: one for the whole population (Lorenc & Neruda), one per mirrored
+    pair (both signs start alike), or one per episode (OpenAI, who never seed)."""
+    if mode == "per_iteration":
+        return np.full((population, 2), rng.integers(0, 2**31 - 1), dtype=np.int64)
+    if mode == "per_pair":
+        return np.repeat(rng.integers(0, 2**31 - 1, size=(population, 1), dtype=np.int64), 2, 1)
+    if mode == "per_episode":
+        return rng.integers(0, 2**31 - 1, size=(population, 2), dtype=np.int64)
+    raise ValueError(f"unknown env seed mode {mode!r}")
+
+
 def iteration_draws(run_seed: int, iteration: int, population: int, table_size: int, dim: int,
-                    obs_stat_prob: float, eval_episodes: int) -> Draws:
+                    obs_stat_prob: float, eval_episodes: int,
+                    env_seed_mode: str = "per_pair") -> Draws:
     """Offsets, env seeds and obs-stat selection for every perturbation of one iteration.
 
     One generator per (run_seed, iteration) draws the values for j = 0..N-1 in order, so each
@@ -58,7 +75,24 @@ def iteration_draws(run_seed: int, iteration: int, population: int, table_size: 
     r_off, r_env, r_obs, r_eval = (np.random.Generator(np.random.PCG64(s)) for s in ss.spawn(4))
     return Draws(
         offsets=r_off.integers(0, table_size - dim + 1, size=population, dtype=np.int64),
-        env_seeds=r_env.integers(0, 2**31 - 1, size=population, dtype=np.int64),
-        record_obs=r_obs.random(population) < obs_stat_prob,
+        env_seeds=_env_seeds(r_env, population, env_seed_mode),
+        record_obs=r_obs.random((population, 2)) < obs_stat_prob,
         eval_seeds=r_eval.integers(0, 2**31 - 1, size=eval_episodes, dtype=np.int64),
     )
+
+
+# What an episode's own randomness (action noise, dropout masks, sampled actions) is keyed by.
+TRAIN_EPISODE, EVAL_EPISODE = 0, 1
+
+
+def episode_seed(run_seed: int, iteration: int, kind: int, index: int, sign: int) -> int:
+    """A 63-bit seed for one episode's stochastic choices, from (run seed, t, kind, j, sign).
+
+    kind is TRAIN_EPISODE (index = pair j, sign 0 for +sigma, 1 for -sigma) or EVAL_EPISODE
+    (index = evaluation episode e, sign 0). Like the draws, it never depends on the rank.
+    With es.env_seeds per_iteration the caller passes index 0 for every pair: Lorenc &
+    Neruda reseed torch identically for every member of an iteration, so the population
+    shares its dropout masks and action samples as it shares its start state.
+    """
+    ss = np.random.SeedSequence([run_seed, iteration, 0xE915, kind, index, sign])
+    return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))

@@ -8,11 +8,12 @@ import numpy as np
 
 @dataclass
 class Normalizer:
-    """obs -> clip((obs - mean) / std, -clip, clip) as float32; identity when mean is None."""
+    """obs -> (obs - mean) / std as float32, clipped to ±clip unless clip is None; identity
+    when mean is None."""
 
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
-    clip: float = 5.0
+    clip: float | None = None
 
     def __post_init__(self):
         if self.mean is not None:
@@ -23,7 +24,14 @@ class Normalizer:
         if self.mean is None:
             return obs
         x = (obs.astype(np.float32, copy=False) - self._mean) * self._inv_std
-        return np.clip(x, -self.clip, self.clip, out=x)
+        return x if self.clip is None else np.clip(x, -self.clip, self.clip, out=x)
+
+
+def make_normalizer(env_cfg, obs_stats) -> Normalizer:
+    """The observation transform of an `EnvConfig` with the current `ObsStats`."""
+    if not env_cfg.normalize_obs:
+        return Normalizer()
+    return Normalizer(obs_stats.mean, obs_stats.std(env_cfg.obs_var_floor), env_cfg.obs_clip)
 
 
 @dataclass
@@ -36,20 +44,34 @@ class EpisodeResult:
 
 
 def run_episode(env, policy, seed: int, max_steps: int, normalize: Normalizer,
-                record_obs: bool = False, target_return: float | None = None) -> EpisodeResult:
-    """Run `policy` in `env` from reset(seed) for at most `max_steps` steps."""
+                record_obs: bool = False, target_return: float | None = None,
+                episode_seed: int | None = None, action_noise_std: float = 0.0) -> EpisodeResult:
+    """Run `policy` in `env` from reset(seed) for at most `max_steps` steps.
+
+    `episode_seed` seeds the episode's own randomness: the policy's (dropout, sampled actions)
+    and the N(0, action_noise_std^2) noise added to continuous actions.
+    """
     obs, _ = env.reset(seed=int(seed))
-    policy.reset(target_return)
+    policy.reset(target_return, seed=episode_seed)
+    noise_rng = None
+    if action_noise_std > 0:
+        if episode_seed is None:
+            raise ValueError("action noise needs an episode_seed")
+        noise_rng = np.random.Generator(np.random.PCG64([episode_seed, 0xAC7]))
     total, steps = 0.0, 0
     s = ss = None
-    if record_obs:
-        s = np.zeros(obs.shape, dtype=np.float64)
-        ss = np.zeros(obs.shape, dtype=np.float64)
+    if record_obs:  # integer frames sum exactly in int64; anything else in float64
+        acc = np.int64 if np.issubdtype(obs.dtype, np.integer) else np.float64
+        s, ss = np.zeros(obs.shape, dtype=acc), np.zeros(obs.shape, dtype=acc)
     while steps < max_steps:
         if record_obs:
             s += obs
-            ss += np.square(obs, dtype=np.float64)
-        obs, reward, terminated, truncated, _ = env.step(policy.act(normalize(obs)))
+            ss += np.square(obs, dtype=s.dtype)
+        action = policy.act(normalize(obs))
+        if noise_rng is not None:
+            action = action + noise_rng.standard_normal(np.shape(action), dtype=np.float32) \
+                * np.float32(action_noise_std)
+        obs, reward, terminated, truncated, _ = env.step(action)
         policy.observe(float(reward))
         total += float(reward)
         steps += 1

@@ -6,10 +6,9 @@ the same update, so theta stays bitwise identical everywhere without being sent.
 """
 from __future__ import annotations
 
-import os
+from .determinism import pin_cpu_kernels
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # one thread per rank; must precede numpy/torch imports
+pin_cpu_kernels()  # one thread per rank, same kernels on every node: before numpy/torch
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
@@ -99,7 +98,8 @@ def build_env_and_policy(cfg: JobConfig) -> tuple:
     torch.set_num_threads(cfg.run.torch_threads)
     env = make_env(cfg.env)
     try:
-        policy = make_policy(cfg.policy, env.observation_space, env.action_space, cfg.run.seed)
+        policy = make_policy(cfg.policy, env.observation_space, env.action_space, cfg.run.seed,
+                             obs_normalized=cfg.env.normalize_obs)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if policy.num_params > cfg.es.noise_table_size:
@@ -112,6 +112,21 @@ def build_env_and_policy(cfg: JobConfig) -> tuple:
     return env, policy
 
 
+def warn_if_mixed_kernels(comm) -> None:
+    """Rank 0 warns when ranks run different CPU kernels (then a return may depend on the node
+    that computed it, and theta on the rank count); see es_mpi/determinism.py."""
+    from .determinism import cpu_kernels
+
+    kinds = comm.gather(cpu_kernels(), root=0)
+    if comm.Get_rank() == 0 and len(set(kinds)) > 1:
+        where = "; ".join(f"{k}: ranks {[r for r, x in enumerate(kinds) if x == k]}"
+                          for k in sorted(set(kinds)))
+        print(f"es_mpi: WARNING: ranks run different CPU kernels ({where}); episode returns "
+              "may depend on the node, so theta is no longer independent of the rank count. "
+              "Set ATEN_CPU_CAPABILITY and MKL_CBWR to one value everywhere.", file=sys.stderr,
+              flush=True)
+
+
 def build_runtime(cfg: JobConfig, comm, env=None, policy=None) -> Runtime:
     """Environment, policy and the node-shared noise table (collective over `comm`)."""
     from . import comm as mpi
@@ -119,6 +134,7 @@ def build_runtime(cfg: JobConfig, comm, env=None, policy=None) -> Runtime:
 
     if env is None:
         env, policy = build_env_and_policy(cfg)
+    warn_if_mixed_kernels(comm)
     shared = mpi.shared_noise_table(comm, cfg.es.noise_table_size, cfg.es.noise_seed)
     return Runtime(env, policy, shared, episode_limit(env), env.observation_space.shape)
 
@@ -155,62 +171,88 @@ def prepare_vbn(cfg: JobConfig, comm, rt: Runtime, state) -> None:
     set_vbn_reference(rt.policy, ref)  # build_env_and_policy checked that it has VBN layers
 
 
+def _gather_obs_stats(comm, recorded: list, obs_space, stats) -> None:
+    """Add the recorded episodes' observation sums of every rank to `stats`, identically on
+    every rank. `recorded` holds (key, EpisodeResult) with key = 2j + sign.
+
+    Integer frames (Atari) have integer sums, exact in int64 in any order: one Allreduce.
+    Float observations are added one episode at a time in order of key (float64 addition is
+    not associative), after an Allgatherv of the per-episode sums.
+    """
+    from . import comm as mpi
+
+    shape, width = obs_space.shape, int(np.prod(obs_space.shape))
+    if np.issubdtype(obs_space.dtype, np.integer):
+        total = np.zeros(2 * width + 1, dtype=np.int64)
+        for _, res in recorded:
+            total += np.concatenate([[res.obs_count], res.obs_sum.ravel(), res.obs_sumsq.ravel()])
+        total = mpi.allreduce_sum(comm, total)
+        if total[0]:
+            stats.add(total[1:1 + width].reshape(shape).astype(np.float64),
+                      total[1 + width:].reshape(shape).astype(np.float64), float(total[0]))
+        return
+    rows = [np.concatenate([[key, res.obs_count], res.obs_sum.ravel(), res.obs_sumsq.ravel()])
+            for key, res in recorded]
+    for row in mpi.gather_by_key(comm, np.array(rows).reshape(-1, 2 + 2 * width)):
+        stats.add(row[2:2 + width].reshape(shape), row[2 + width:].reshape(shape), row[1])
+
+
 def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dict]:
     """One ES iteration on this rank; returns the new state (same on all ranks) and a row."""
     from . import comm as mpi
     from . import es
-    from .noise import iteration_draws
-    from .rollout import Normalizer, run_episode
+    from .noise import EVAL_EPISODE, TRAIN_EPISODE, episode_seed, iteration_draws
+    from .rollout import make_normalizer, run_episode
 
     t0 = time.perf_counter()
     rank, size, dim, n = comm.Get_rank(), comm.Get_size(), state.theta.size, cfg.es.population
-    table = rt.noise.table
-    draws = iteration_draws(cfg.run.seed, state.iteration, n, table.size, dim,
+    seed, t, table = cfg.run.seed, state.iteration, rt.noise.table
+    draws = iteration_draws(seed, t, n, table.size, dim,
                             cfg.env.obs_stat_prob if cfg.env.normalize_obs else 0.0,
-                            cfg.es.eval_episodes)
+                            cfg.es.eval_episodes, cfg.es.env_seeds)
+    shared = cfg.es.env_seeds == "per_iteration"  # the population shares its randomness too
     cap = es.adaptive_episode_cap(rt.episode_limit, state.prev_lengths, cfg.es.episode_cap_factor)
-    norm = (Normalizer(state.obs_stats.mean, state.obs_stats.std) if cfg.env.normalize_obs
-            else Normalizer())
-    obs_width = int(np.prod(rt.obs_shape))
+    norm = make_normalizer(cfg.env, state.obs_stats)
 
     # --- rollouts: this rank's pairs j in [lo, hi), both signs on the same env seed
     lo, hi = mpi.split_range(n, size, rank)
-    pair_rows, obs_rows = [], []
+    pair_rows, recorded = [], []
     for j in range(lo, hi):
         eps = table[draws.offsets[j]: draws.offsets[j] + dim]
         out = []
-        for sign in (1.0, -1.0):
+        for s, sign in enumerate((1.0, -1.0)):
             rt.policy.set_perturbed(state.theta, eps, sign * cfg.es.sigma)
-            record = bool(draws.record_obs[j]) and sign > 0
-            out.append(run_episode(rt.env, rt.policy, draws.env_seeds[j], cap, norm, record))
+            res = run_episode(rt.env, rt.policy, draws.env_seeds[j, s], cap, norm,
+                              bool(draws.record_obs[j, s]),
+                              episode_seed=episode_seed(seed, t, TRAIN_EPISODE,
+                                                        0 if shared else j, s),
+                              action_noise_std=cfg.policy.action_noise_std)
+            out.append(res)
+            if res.obs_count:
+                recorded.append((2 * j + s, res))
         pair_rows.append([j, out[0].ret, out[1].ret, out[0].length, out[1].length])
-        if out[0].obs_count:
-            obs_rows.append(np.concatenate([[j, out[0].obs_count], out[0].obs_sum.ravel(),
-                                            out[0].obs_sumsq.ravel()]))
     eval_rows = []
     rt.policy.set_theta(state.theta)
-    for e in range(rank, cfg.es.eval_episodes, size):
-        res = run_episode(rt.env, rt.policy, draws.eval_seeds[e], rt.episode_limit, norm)
+    for e in range(rank, cfg.es.eval_episodes, size):  # no action noise (OpenAI's evaluation)
+        res = run_episode(rt.env, rt.policy, draws.eval_seeds[e], rt.episode_limit, norm,
+                          episode_seed=episode_seed(seed, t, EVAL_EPISODE, e, 0))
         eval_rows.append([e, res.ret, res.length])
     t1 = time.perf_counter()
 
     # --- exchange scalars (and the few recorded obs sums), keyed by j
     pairs = mpi.gather_by_key(comm, np.array(pair_rows).reshape(-1, 5), n)
     evals = mpi.gather_by_key(comm, np.array(eval_rows).reshape(-1, 3), cfg.es.eval_episodes)
-    obs = mpi.gather_by_key(comm, np.array(obs_rows).reshape(-1, 2 + 2 * obs_width))
+    stats = state.obs_stats
+    _gather_obs_stats(comm, recorded, rt.env.observation_space, stats)
     t2 = time.perf_counter()
 
     # --- the same update on every rank, summed in order of j
     ret_pos, ret_neg = pairs[:, 1], pairs[:, 2]
-    weights = es.fitness_weights(ret_pos, ret_neg, cfg.es.fitness_shaping)
+    weights = es.fitness_weights(ret_pos, ret_neg, cfg.es.fitness_shaping, cfg.es.tie_break)
     noise_sum = es.weighted_noise_sum(table, draws.offsets, weights, 0, dim)
     grad = es.gradient_estimate(noise_sum, n, cfg.es.sigma, cfg.es.divide_by_sigma,
                                 cfg.es.grad_divisor)
     theta, opt = es.es_update(state.theta, grad, state.opt, cfg.es)
-    stats = state.obs_stats
-    for row in obs:  # fixed order (by j), so the float64 sums are the same everywhere
-        stats.add(row[2:2 + obs_width].reshape(rt.obs_shape),
-                  row[2 + obs_width:].reshape(rt.obs_shape), row[1])
     t3 = time.perf_counter()
 
     lengths = pairs[:, 3:5].astype(np.int64).ravel()
@@ -275,9 +317,10 @@ def open_results(cfg: JobConfig, state, comm, rt: Runtime):
     writer = ResultsWriter(run_dir / "results.h5", keep_rows=state.iteration,
                            config_text=cfg.to_yaml(),
                            warn=lambda m: print(m, file=sys.stderr, flush=True))
+    from .determinism import cpu_kernels
     print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
           f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
-          f"run dir {run_dir}", flush=True)
+          f"run dir {run_dir}, CPU kernels {cpu_kernels()}", flush=True)
     return writer
 
 

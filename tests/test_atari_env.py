@@ -9,7 +9,8 @@ from es_mpi.envs_atari import AreaResize, area_weights, random_policy_observatio
 
 
 def hero(**kw) -> gym.Env:
-    return make_env(EnvConfig(id="ALE/Hero-v5", normalize_obs=False, **kw))
+    """Hero with 1..30 no-op starts (not the paper's setting, but it exercises the wrapper)."""
+    return make_env(EnvConfig(id="ALE/Hero-v5", normalize_obs=False, **{"noop_max": 30, **kw}))
 
 
 def test_observation_and_action_spaces():
@@ -19,8 +20,10 @@ def test_observation_and_action_spaces():
     assert env.observation_space.shape == (4, 84, 84)
     assert env.action_space == gym.spaces.Discrete(18)
     assert episode_limit(env) == 108_000 // 4
-    # after reset every slot of the stack holds the first frame
-    assert all(np.array_equal(obs[k], obs[-1]) for k in range(3))
+    # after reset: three zero frames, then the first frame (Lorenc & Neruda's wrapper)
+    assert not obs[:3].any() and obs[-1].any()
+    repeat, _ = hero(frame_stack_reset="repeat").reset(seed=0)
+    assert all(np.array_equal(repeat[k], obs[-1]) for k in range(4))  # gymnasium's padding
     obs2, *_ = env.step(0)
     assert np.array_equal(obs2[:3], obs[1:])  # the stack shifts by one frame, oldest first
 
@@ -150,12 +153,16 @@ def test_config_keys_and_refusals(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text("env: {id: ALE/Hero-v5}\nes: {population: 2, sigma: 0.02}\n"
                    "run: {seed: 0, iterations: 1, dir: x}\n")
-    with pytest.raises(ConfigError, match="env.normalize_obs"):
-        load_job(job)
+    cfg = load_job(job)  # per-pixel running normalisation is allowed (Lorenc's Atari input)
+    assert cfg.env.normalize_obs
+    with pytest.raises(ConfigError, match="policy.vbn"):  # one normalisation or the other
+        load_job(job, ["policy.vbn=true"])
     cfg = load_job(job, ["env.normalize_obs=false"])
+    # the defaults are Lorenc & Neruda's: no no-ops, no sticky actions, zeros in the stack
     assert (cfg.env.frame_skip, cfg.env.noop_max, cfg.env.frame_stack, cfg.env.screen_size,
             cfg.env.repeat_action_probability, cfg.env.max_frames, cfg.env.clip_rewards,
-            cfg.env.terminal_on_life_loss) == (4, 30, 4, 84, 0.0, 108_000, False, False)
+            cfg.env.terminal_on_life_loss, cfg.env.frame_stack_reset) == (
+                4, 0, 4, 84, 0.0, 108_000, False, False, "zeros")
     with pytest.raises(ConfigError, match="env.repeat_action_probability"):
         load_job(job, ["env.normalize_obs=false", "env.repeat_action_probability=1.5"])
     with pytest.raises(ConfigError, match="env.frame_skip"):

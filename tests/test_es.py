@@ -15,9 +15,41 @@ def test_centered_ranks_span_and_order():
     assert r[1, 0] == 0.5 and r[0, 1] == -0.5
 
 
-def test_centered_ranks_ties_are_deterministic():
-    r = es.centered_ranks(np.zeros(5))
+def test_centered_ranks_ties_position_rule_is_stable():
+    r = es.centered_ranks(np.zeros(5), ties="position")
     np.testing.assert_allclose(r, np.linspace(-0.5, 0.5, 5))
+
+
+def test_average_ranks_hand_computed():
+    # values 3, 1, 3, 0, 3 -> sorted 0, 1, 3, 3, 3 -> ranks 0, 1, and (2 + 3 + 4) / 3 = 3 for the 3s
+    assert es.ranks(np.array([3.0, 1.0, 3.0, 0.0, 3.0])).tolist() == [3.0, 1.0, 3.0, 0.0, 3.0]
+    assert es.ranks(np.array([3.0, 1.0, 3.0, 0.0, 3.0]), "position").tolist() == [2, 1, 3, 0, 4]
+    np.testing.assert_array_equal(es.centered_ranks(np.zeros(5)), np.zeros(5))
+
+
+def test_pair_ranks_ties_get_their_average_rank():
+    """Hero-like case: most pairs score F+ = F- = 0; they must all get the same weight."""
+    pos = np.array([0.0, 0.0, 50.0, 0.0, 0.0])
+    neg = np.array([0.0, 0.0, 0.0, 0.0, 25.0])
+    # differences 0, 0, 50, 0, -25 -> ranks 2, 2, 4, 2, 0 -> /4 - 0.5 -> x2
+    w = es.fitness_weights(pos, neg, "pair_ranks")
+    np.testing.assert_allclose(w, [0.0, 0.0, 1.0, 0.0, -1.0])
+    w_pos = es.fitness_weights(pos, neg, "pair_ranks", ties="position")
+    np.testing.assert_allclose(w_pos, [-0.5, 0.0, 1.0, 0.5, -1.0])  # noise in order of j
+
+
+@pytest.mark.parametrize("shaping", sorted(es.FITNESS_SHAPING))
+@pytest.mark.parametrize("ties", ["average", "position"])
+def test_every_shaping_is_invariant_to_the_order_of_pairs(shaping, ties):
+    """Permuting the pairs permutes the weights (average ties: exactly; position: for distinct
+    values), so nothing depends on which rank evaluated which pair."""
+    rng = np.random.default_rng(5)
+    pos, neg = rng.integers(0, 4, 30).astype(float), rng.integers(0, 4, 30).astype(float)
+    if ties == "position":
+        pos, neg = rng.normal(size=30), rng.normal(size=30)
+    perm = rng.permutation(30)
+    w = es.fitness_weights(pos, neg, shaping, ties)
+    np.testing.assert_array_equal(es.fitness_weights(pos[perm], neg[perm], shaping, ties), w[perm])
 
 
 @pytest.mark.parametrize("shaping", ["centered_ranks", "pair_ranks"])
@@ -49,10 +81,26 @@ def test_weighted_noise_sum_matches_dense_product_and_any_split():
 
 def test_gradient_estimate_scaling():
     s = np.ones(3)
-    np.testing.assert_allclose(es.gradient_estimate(s, 10, 0.5), s / 5)
-    np.testing.assert_allclose(es.gradient_estimate(s, 10, 0.5, divide_by_sigma=False), s / 10)
+    np.testing.assert_allclose(es.gradient_estimate(s, 10, 0.5), s / 10)  # 2 N sigma
+    np.testing.assert_allclose(es.gradient_estimate(s, 10, 0.5, divisor="pairs"), s / 5)
     openai = es.gradient_estimate(s, 10, 0.5, divide_by_sigma=False, divisor="episodes")
     np.testing.assert_allclose(openai, s / 20)
+
+
+def test_lorenc_gradient_of_a_three_pair_example():
+    """Their table holds sigma*eps and they divide sum_j w_j (sigma eps_j) by 2 N sigma^2:
+    a 3-pair case by hand equals sum w eps / (2 N sigma)."""
+    sigma = 0.02
+    table = np.array([1.0, -2.0, 0.5, 3.0, -1.0], dtype=np.float32)
+    offsets, dim = np.array([0, 2, 1]), 3  # eps_0 = (1,-2,.5), eps_1 = (.5,3,-1), eps_2 = (-2,.5,3)
+    pos, neg = np.array([5.0, 1.0, 3.0]), np.array([2.0, 4.0, 3.0])
+    w = es.fitness_weights(pos, neg, "pair_ranks")  # differences 3, -3, 0 -> 1, -1, 0
+    np.testing.assert_allclose(w, [1.0, -1.0, 0.0])
+    g = es.gradient_estimate(es.weighted_noise_sum(table, offsets, w, 0, dim), 3, sigma)
+    by_hand = (np.array([1.0, -2.0, 0.5]) - np.array([0.5, 3.0, -1.0])) / (2 * 3 * sigma)
+    np.testing.assert_allclose(g, by_hand, rtol=1e-12)
+    scaled = sum(wj * sigma * table[o:o + dim].astype(np.float64) for wj, o in zip(w, offsets))
+    np.testing.assert_allclose(g, scaled / (2 * 3 * sigma**2), rtol=1e-12)  # their form
 
 
 def test_es_gradient_points_uphill_on_a_linear_function():
@@ -128,4 +176,14 @@ def test_obs_stats_mean_std():
     x = np.array([[1.0, 2.0], [3.0, 6.0]])
     stats.add(x.sum(0), (x**2).sum(0), 2)
     np.testing.assert_allclose(stats.mean, [2.0, 4.0], rtol=1e-6)
-    np.testing.assert_allclose(stats.std, [1.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(stats.std(), [1.0, 2.0], rtol=1e-6)
+
+
+def test_obs_stats_variance_floor():
+    """Both references: std = sqrt(max(var, 1e-2)), so a (nearly) constant feature gets 0.1."""
+    stats = es.ObsStats.empty((3,), eps=1e-8)
+    x = np.array([[5.0, 0.0, 1.0], [5.0, 0.02, -1.0]])
+    stats.add(x.sum(0), (x**2).sum(0), 2)
+    # variances 0, 1e-4, 1
+    np.testing.assert_allclose(stats.std(), [0.1, 0.1, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(stats.std(var_floor=1e-6)[1:], [0.01, 1.0], rtol=1e-4)

@@ -29,13 +29,16 @@ class FlatPolicy(nn.Module):
     """Base class. Subclasses build their layers, then call `self.finalize()`.
 
     Episode interface used by the rollout:
-        reset(target_return)  at the start of an episode
+        reset(target_return, seed)  at the start of an episode; `seed` (if given) reseeds
+                              `self.generator`, the source of the policy's own randomness
+                              (dropout masks, sampled actions)
         act(obs) -> action    one step; obs is the (already normalised) observation
         observe(reward)       the reward the last action earned (a DT lowers its return-to-go)
     """
 
     def finalize(self) -> None:
         self.requires_grad_(False)
+        self.generator = torch.Generator()
         self._flat = flatten_parameters(self)
         self._flat_np = self._flat.numpy()  # shares memory with every parameter
         # modules caching something computed from theta (VBN statistics) are told of changes
@@ -62,8 +65,9 @@ class FlatPolicy(nn.Module):
         self._flat_np += theta
         self._theta_changed()
 
-    def reset(self, target_return: float | None = None) -> None:
-        pass
+    def reset(self, target_return: float | None = None, seed: int | None = None) -> None:
+        if seed is not None:
+            self.generator.manual_seed(int(seed))
 
     def observe(self, reward: float) -> None:
         pass
@@ -73,24 +77,40 @@ class FlatPolicy(nn.Module):
 
 
 class ActionHead:
-    """Turns raw network outputs into env actions: tanh-squash to Box bounds, or argmax."""
+    """Turns raw network outputs into env actions.
 
-    def __init__(self, action_space: gym.Space):
+    Box actions (`mapping`): "tanh" -> tanh(out) in [-1, 1], handed to the env as is (MuJoCo
+    clamps to its ctrlrange; Lorenc & Neruda), "bounds" -> mid + half * tanh(out), inside the
+    Box, "linear" -> out itself (OpenAI's MujocoPolicy). Discrete actions (`discrete`): "argmax"
+    of the logits, or "sample" from their softmax with the policy's generator.
+    """
+
+    def __init__(self, action_space: gym.Space, mapping: str = "tanh",
+                 discrete: str = "argmax"):
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        self.mapping, self.sample = mapping, discrete == "sample"
         if self.discrete:
             self.size = int(action_space.n)
         elif isinstance(action_space, gym.spaces.Box):
             self.size = int(np.prod(action_space.shape))
             low = np.asarray(action_space.low, dtype=np.float32)
             high = np.asarray(action_space.high, dtype=np.float32)
-            if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
-                raise ValueError("continuous policies need finite action bounds")
+            if mapping == "bounds" and not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+                raise ValueError("policy.action_mapping 'bounds' needs finite action bounds")
             self.mid, self.half = (high + low) / 2, (high - low) / 2
         else:
             raise ValueError(f"unsupported action space {action_space}")
+        if mapping not in ("tanh", "bounds", "linear") or discrete not in ("argmax", "sample"):
+            raise ValueError(f"unknown action mapping {mapping!r} / {discrete!r}")
 
-    def __call__(self, out: torch.Tensor):
-        """out: (act,) raw outputs -> int (discrete) or float32 (act,) array in the bounds."""
+    def __call__(self, out: torch.Tensor, generator: torch.Generator | None = None):
+        """out: (act,) raw outputs -> int (discrete) or float32 (act,) array."""
         if self.discrete:
+            if self.sample:
+                probs = torch.softmax(out.reshape(-1), dim=-1)
+                return int(torch.multinomial(probs, 1, generator=generator))
             return int(torch.argmax(out))
-        return self.mid + self.half * torch.tanh(out).numpy()
+        if self.mapping == "linear":
+            return out.numpy().astype(np.float32, copy=True)
+        squashed = torch.tanh(out).numpy()
+        return self.mid + self.half * squashed if self.mapping == "bounds" else squashed.copy()

@@ -16,15 +16,15 @@ from .encoders import ConvEncoder
 
 class CNNPolicy(FlatPolicy):
     def __init__(self, obs_shape: tuple, action_space: gym.Space, hidden: int = 512,
-                 vbn: bool = False):
+                 vbn: bool = False, discrete_action: str = "argmax", pixel_scale: float = 1 / 255):
         super().__init__()
         if len(obs_shape) != 3:
             raise ValueError(f"policy.kind 'cnn' needs image observations (C, H, W), "
                              f"got shape {obs_shape}")
-        self.head = ActionHead(action_space)
+        self.head = ActionHead(action_space, discrete=discrete_action)
         if not self.head.discrete:
             raise ValueError("policy.kind 'cnn' needs a discrete action space")
-        self.encoder = ConvEncoder(obs_shape[0], hidden, vbn=vbn)
+        self.encoder = ConvEncoder(obs_shape[0], hidden, vbn=vbn, pixel_scale=pixel_scale)
         self.out = nn.Linear(hidden, self.head.size)
         self.finalize()
 
@@ -32,4 +32,4 @@ class CNNPolicy(FlatPolicy):
         return self.out(torch.relu(self.encoder(frames)))  # (B, C, 84, 84) -> (B, n_actions)
 
     def act(self, obs: np.ndarray) -> int:
-        return self.head(self.forward(torch.from_numpy(obs)[None])[0])
+        return self.head(self.forward(torch.from_numpy(obs)[None])[0], self.generator)

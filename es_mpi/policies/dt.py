@@ -57,23 +57,43 @@ class GPTConfig:
     n_head: int = 1
     inner_mult: int = 4  # MLP width = inner_mult * C
     activation: str = "relu"  # Chen et al. use relu for gym, GELU for Atari
+    dropout: float = 0.0  # GPT input, attention weights, both residual branches (GPT-2/mingpt)
+    scaled_residual_init: bool = False  # c_proj weights N(0, 0.02/sqrt(2 n_layer)) (GPT-2 paper)
 
 
 # ----------------------------------------------------------------------------- GPT blocks
 
+def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout whose mask comes from `generator` (no global RNG); identity if p = 0.
+
+    The references never switch their DTs to eval mode on the ES path, so dropout is active
+    in every rollout; here its masks are a function of the episode's seed.
+    """
+    if p == 0.0:
+        return x
+    keep = torch.rand(x.shape, generator=generator) >= p
+    return x * keep / (1.0 - p)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.p = cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v for all heads
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        if self.p == 0.0:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        else:  # dropout on the attention weights, as GPT-2 / mingpt
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.n_head)
+            att = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+            y = dropout(att, self.p, generator) @ v
+        return dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)), self.p, generator)
 
 
 class MLP(nn.Module):
@@ -82,9 +102,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, cfg.inner_mult * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.inner_mult * cfg.n_embd, cfg.n_embd)
         self.act = {"relu": F.relu, "gelu": F.gelu}[cfg.activation]
+        self.p = cfg.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return dropout(self.c_proj(self.act(self.c_fc(x))), self.p, generator)
 
 
 class Block(nn.Module):
@@ -95,9 +116,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, generator)
+        return x + self.mlp(self.ln_2(x), generator)
 
 
 class GPT(nn.Module):
@@ -108,17 +130,20 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        # GPT-2 initialisation; residual projections scaled by 1/sqrt(2 n_layer)
+        # N(0, 0.02) weights, zero biases: Chen et al.'s GPT-2 copy and mingpt alike; the GPT-2
+        # paper's 1/sqrt(2 n_layer) scaling of residual projections only on request
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer) if cfg.scaled_residual_init else 0.02
         for name, p in self.named_parameters():
             if name.endswith("weight") and p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
-                nn.init.normal_(p, 0.0, std)
+                nn.init.normal_(p, 0.0, residual_std if name.endswith("c_proj.weight") else 0.02)
             elif name.endswith("bias") and "ln" not in name:
                 nn.init.zeros_(p)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        x = dropout(x, self.cfg.dropout, generator)  # embedding dropout (embd_pdrop)
         for block in self.h:
-            x = block(x, mask)
+            x = block(x, mask, generator)
         return self.ln_f(x)
 
 
@@ -164,9 +189,10 @@ class DecisionTransformer(nn.Module):
         a = self.embed_action(actions) + time
         return self.embed_ln(torch.stack((r, s, a), dim=2).reshape(B, 3 * T, -1))
 
-    def forward(self, returns, states, actions, timesteps, band: int | None = None):
+    def forward(self, returns, states, actions, timesteps, band: int | None = None,
+                generator: torch.Generator | None = None):
         x = self.embed(returns, states, actions, timesteps)
-        h = self.transformer(x, trajectory_mask(x.shape[1], band))
+        h = self.transformer(x, trajectory_mask(x.shape[1], band), generator)
         return self.predict_action(h[:, 1::3])
 
     # --- one token at a time (the policy's rolling path); t is the episode timestep
@@ -348,13 +374,17 @@ class DTPolicy(FlatPolicy):
 
     def __init__(self, model: nn.Module, action_space: gym.Space, obs_shape: tuple,
                  context: int, rtg_scale: float, target_return: float, inference: str,
-                 obs_uint8: bool = False):
+                 obs_uint8: bool = False, action_mapping: str = "tanh",
+                 discrete_action: str = "argmax"):
         super().__init__()
         if inference == "kv_cache" and not model.position_free:
             raise ValueError("policy.inference: kv_cache needs a model without positional "
                              "embeddings; use 'window'")
+        self.dropout = model.transformer.cfg.dropout
+        if inference == "kv_cache" and self.dropout:
+            raise ValueError("policy.dropout needs policy.inference 'window' or 'full'")
         self.model = model
-        self.head = ActionHead(action_space)
+        self.head = ActionHead(action_space, action_mapping, discrete_action)
         self.context, self.rtg_scale, self.target_return = context, rtg_scale, target_return
         self.inference = inference
         self.finalize()
@@ -389,7 +419,8 @@ class DTPolicy(FlatPolicy):
         self._packed: tuple | None = None
 
     # --- episode interface
-    def reset(self, target_return: float | None = None) -> None:
+    def reset(self, target_return: float | None = None, seed: int | None = None) -> None:
+        super().reset(target_return, seed)
         target = self.target_return if target_return is None else target_return
         self._rtg_now = float(target) * self.rtg_scale
         self._t = 0
@@ -413,9 +444,14 @@ class DTPolicy(FlatPolicy):
             m, t = self.model, self._t
             self._tok[3 * slot] = m.return_token(self._rtg_now, t)
             self._tok[3 * slot + 1] = m.state_token(self._states[slot], t)
-            out = self._window_step(slot) if self.inference == "window" else self.full_forward()
+            if self.inference == "full":
+                out = self.full_forward()
+            elif self.dropout:
+                out = self._window_step_modules(slot)
+            else:
+                out = self._window_step(slot)
         self.last_output = out  # raw action output (pre-squash / logits), for tests and tools
-        action = self.head(out)
+        action = self.head(out, self.generator)
         self._np["_actions"][slot] = action
         self._embed_action(slot)
         self._pending_action = True
@@ -443,7 +479,7 @@ class DTPolicy(FlatPolicy):
                 row += e.time[min(t, len(e.time) - 1)]
             return
         self._tok[3 * slot + 2] = self.model.action_token(a, t)
-        if self.inference == "window" and self.model.position_free:
+        if self.inference == "window" and self.model.position_free and not self.dropout:
             rows = slice(3 * slot, 3 * slot + 3)
             self._qkv0[rows] = self._block0_qkv(self._tok[rows])
 
@@ -452,8 +488,17 @@ class DTPolicy(FlatPolicy):
         """Raw action output for the newest state token, from the buffers' live window."""
         lo, hi = self.ring.start, self.ring.start + self.ring.len
         out = self.model(self._rtg[None, lo:hi], self._states[None, lo:hi],
-                         self._actions[None, lo:hi], self._timesteps[None, lo:hi], band=band)
+                         self._actions[None, lo:hi], self._timesteps[None, lo:hi], band=band,
+                         generator=self.generator)
         return out[0, -1]
+
+    def _window_step_modules(self, slot: int) -> torch.Tensor:
+        """The window through the GPT modules (dropout active: every token's mask is new at
+        every step, as when the references re-run the whole window), from the cached tokens."""
+        lo, hi = 3 * self.ring.start, 3 * slot + 2
+        x = self.model.window_input(self._tok[lo:hi], self._t)[None]
+        h = self.model.transformer(x, trajectory_mask(hi - lo), self.generator)
+        return self.model.action_output(h[0, -1])
 
     # --- packed weights for the per-step paths
     def _theta_changed(self) -> None:
@@ -547,7 +592,9 @@ def make_dt(cfg, observation_space: gym.Space, action_space: gym.Space) -> DTPol
     discrete = isinstance(action_space, gym.spaces.Discrete)
     act_dim = int(action_space.n) if discrete else int(np.prod(action_space.shape))
     obs_dim = int(np.prod(observation_space.shape))
-    gpt = GPTConfig(cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.inner_mult, "relu")
+    gpt = GPTConfig(cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.inner_mult, "relu", cfg.dropout,
+                    cfg.scaled_residual_init)
     model = DecisionTransformer(obs_dim, act_dim, discrete, gpt, cfg.max_ep_len)
     return DTPolicy(model, action_space, (obs_dim,), cfg.context, cfg.rtg_scale,
-                    cfg.target_return, cfg.inference)
+                    cfg.target_return, cfg.inference, action_mapping=cfg.action_mapping,
+                    discrete_action=cfg.discrete_action)

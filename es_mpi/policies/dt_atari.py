@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .dt import GPT, DTPolicy, GPTConfig, trajectory_mask
-from .encoders import ConvEncoder
+from .encoders import ConvEncoder, frame_scale
 
 
 class AtariDecisionTransformer(nn.Module):
@@ -38,33 +38,41 @@ class AtariDecisionTransformer(nn.Module):
     position_free = False
 
     def __init__(self, in_channels: int, n_actions: int, cfg: GPTConfig, context: int,
-                 max_ep_len: int, vbn: bool = False):
+                 max_ep_len: int, vbn: bool = False, embed_init: str = "torch",
+                 pixel_scale: float = 1 / 255):
         super().__init__()
         C = cfg.n_embd
         self.max_ep_len = max_ep_len
-        self.state_encoder = ConvEncoder(in_channels, C, vbn=vbn)  # the one place it is built
+        self.state_encoder = ConvEncoder(in_channels, C, vbn=vbn, pixel_scale=pixel_scale)
         self.embed_return = nn.Linear(1, C)
         self.embed_action = nn.Embedding(n_actions, C)
         self.pos_emb = nn.Parameter(torch.zeros(1, 3 * context, C))
         self.global_pos_emb = nn.Parameter(torch.zeros(1, max_ep_len, C))
         self.transformer = GPT(cfg)
         self.head = nn.Linear(C, n_actions, bias=False)
-        for m in (self.embed_return, self.embed_action, self.head, self.state_encoder.proj):
-            nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-style N(0, 0.02) for Linear/Embedding
-        nn.init.zeros_(self.embed_return.bias)
-        nn.init.zeros_(self.state_encoder.proj.bias)
+        # Chen et al.'s mingpt initialises its own modules N(0, 0.02) (head, action embedding)
+        # but builds the state encoder and return embedding after that: PyTorch defaults
+        for m in (self.embed_action, self.head):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if embed_init == "normal":  # the GPT-style alternative for the other two
+            for m in (self.embed_return, self.state_encoder.proj):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.zeros_(m.bias)
+        elif embed_init != "torch":
+            raise ValueError(f"policy.embed_init: unknown init {embed_init!r}")
 
     def _global(self, t) -> torch.Tensor:
         return self.global_pos_emb[0, torch.as_tensor(t).clamp(max=self.max_ep_len - 1)]
 
-    def forward(self, returns, frames, actions, timesteps, band: int | None = None):
+    def forward(self, returns, frames, actions, timesteps, band: int | None = None,
+                generator: torch.Generator | None = None):
         B, T = returns.shape
         r = torch.tanh(self.embed_return(returns.unsqueeze(-1)))
         s = torch.tanh(self.state_encoder(frames.reshape(B * T, *frames.shape[2:]))).view(B, T, -1)
         a = torch.tanh(self.embed_action(actions))
         x = torch.stack((r, s, a), dim=2).reshape(B, 3 * T, -1)
         x = x + self._global(timesteps[:, -1])[:, None] + self.pos_emb[:, : 3 * T]
-        h = self.transformer(x, trajectory_mask(3 * T, band))
+        h = self.transformer(x, trajectory_mask(3 * T, band), generator)
         return self.head(h[:, 1::3])
 
     # --- one token at a time (contents only; positions are added in window_input)
@@ -84,16 +92,25 @@ class AtariDecisionTransformer(nn.Module):
         return h @ self.head.weight.t()
 
 
-def make_atari_dt(cfg, observation_space: gym.Space, action_space: gym.Space) -> DTPolicy:
-    """Image observations (channels, 84, 84), Discrete actions."""
+def make_atari_dt(cfg, observation_space: gym.Space, action_space: gym.Space,
+                  obs_normalized: bool = False) -> DTPolicy:
+    """Image observations (channels, 84, 84), Discrete actions.
+
+    Raw uint8 frames are scaled by 1/255 in the encoder; frames that the run normalises per
+    pixel (env.normalize_obs) arrive as float32 and are used as they are.
+    """
     if not isinstance(action_space, gym.spaces.Discrete):
         raise ValueError("policy.kind dt with image observations needs a Discrete action space")
     if tuple(observation_space.shape[1:]) != (84, 84):
         raise ValueError(f"image DT expects (channels, 84, 84) frames, got "
                          f"{observation_space.shape}")
-    gpt = GPTConfig(cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.inner_mult, "gelu")
+    gpt = GPTConfig(cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.inner_mult, "gelu", cfg.dropout,
+                    cfg.scaled_residual_init)
     model = AtariDecisionTransformer(observation_space.shape[0], int(action_space.n), gpt,
-                                     cfg.context, cfg.max_ep_len, vbn=cfg.vbn)
+                                     cfg.context, cfg.max_ep_len, vbn=cfg.vbn,
+                                     embed_init=cfg.embed_init,
+                                     pixel_scale=frame_scale(cfg, obs_normalized))
     return DTPolicy(model, action_space, tuple(observation_space.shape), cfg.context,
                     cfg.rtg_scale, cfg.target_return, cfg.inference,
-                    obs_uint8=observation_space.dtype == np.uint8)
+                    obs_uint8=observation_space.dtype == np.uint8 and not obs_normalized,
+                    discrete_action=cfg.discrete_action)

@@ -8,20 +8,30 @@ from torch import nn
 from .vbn import VBNModule, VBNSequential, VirtualBatchNorm
 
 
+def frame_scale(cfg, obs_normalized: bool) -> float:
+    """What image encoders multiply frames by: policy.frame_scale, or by default 1/255 for raw
+    uint8 frames and 1 for frames the run normalises per pixel."""
+    if cfg.frame_scale is not None:
+        return float(cfg.frame_scale)
+    return 1.0 if obs_normalized else 1 / 255
+
+
 class ConvEncoder(VBNModule):
     """(B, C, 84, 84) uint8/float frames -> (B, out_dim) features.
 
     Conv 32@8x8/4 -> 64@4x4/2 -> 64@3x3/1 (ReLU each), flatten 64*7*7, Linear -> out_dim.
-    Pixels are scaled by 1/255 inside, so callers pass raw frames.
+    Pixels are multiplied by `pixel_scale` inside: 1/255 for raw uint8 frames, 1 for frames
+    the run already normalises per pixel (env.normalize_obs).
     With `vbn`, every conv and the projection are followed by virtual batch norm; the
     statistics come from a reference batch (`policies.vbn`) and are recomputed on the first
     forward after theta changes. The layers keep their biases (cancelled by the mean
     subtraction, so inert) so that enabling VBN only adds parameters, never renames them.
     """
 
-    def __init__(self, in_channels: int = 4, out_dim: int = 512, vbn: bool = False):
+    def __init__(self, in_channels: int = 4, out_dim: int = 512, vbn: bool = False,
+                 pixel_scale: float = 1 / 255):
         super().__init__()
-        self.vbn = vbn
+        self.vbn, self.pixel_scale = vbn, pixel_scale
         self.init_vbn()
         norm = (lambda n: VirtualBatchNorm(n)) if vbn else (lambda n: nn.Identity())
         self.convs = VBNSequential(
@@ -35,7 +45,7 @@ class ConvEncoder(VBNModule):
 
     def _forward(self, frames: torch.Tensor, update: bool = False) -> torch.Tensor:
         """Layer by layer; with `update`, the VBN layers take this batch's statistics."""
-        x = self.convs(frames.float() / 255.0, update).flatten(1)
+        x = self.convs(frames.float() * self.pixel_scale, update).flatten(1)
         x = self.proj(x)
         return self.proj_norm(x, update) if self.vbn else x
 
@@ -56,7 +66,7 @@ class ConvEncoder(VBNModule):
             self.refresh()
         convs = (self.convs[0], self.convs[3], self.convs[6])
         layers = self._folded if self.vbn else [(m.weight, m.bias) for m in convs + (self.proj,)]
-        x = frames.float() / 255.0
+        x = frames.float() * self.pixel_scale
         for (w, b), conv in zip(layers, convs):
             x = F.relu(F.conv2d(x, w, b, stride=conv.stride))
         w, b = layers[3]
