@@ -64,14 +64,15 @@ def test_hero_cnn_without_vbn_at_2_ranks(tmp_path):
 
 def test_hero_dt_bitwise_equal_at_1_and_2_ranks_with_scoring_episodes(tmp_path):
     """The paper's Atari DT job, shrunk; 400 frames is long enough for some episodes to score,
-    so the gathered returns (not only tie-broken ranks) drive the update."""
+    so the gathered returns (not only tie-broken ranks) drive the update. Half the episodes
+    feed the per-pixel observation statistics (integer sums, one Allreduce)."""
     finals, rows = {}, {}
     for n in (1, 2):
         run_dir = tmp_path / f"n{n}"
         proc = run_job(n, run_dir, *TINY_HERO, "es.population=4", "env.max_frames=400",
-                       job="jobs/atari_hero.yaml", timeout=240)
+                       "env.obs_stat_prob=0.5", job="jobs/atari_hero.yaml", timeout=240)
         count = int(re.search(r"with ([\d,]+) parameters", proc.stdout).group(1).replace(",", ""))
-        assert 2_400_000 < count < 2_600_000  # the paper's ~2.49M
+        assert count == 2_965_792  # max_timestep 10,000 as the authors (docs/fidelity.md)
         assert proc.stdout.count("iter ") == 2
         finals[n], _ = load_checkpoint(run_dir / "checkpoints" / "ckpt_000002.h5")
         with h5py.File(run_dir / "results.h5") as f:
@@ -81,6 +82,10 @@ def test_hero_dt_bitwise_equal_at_1_and_2_ranks_with_scoring_episodes(tmp_path):
     for key in rows[1]:
         assert np.array_equal(rows[1][key], rows[2][key]), key
     assert np.array_equal(finals[1].theta.view(np.uint32), finals[2].theta.view(np.uint32))
+    stats = finals[2].obs_stats
+    assert stats.sum.shape == (4, 84, 84) and stats.count > 100  # per pixel, really gathered
+    assert np.array_equal(stats.sum, finals[1].obs_stats.sum)
+    assert np.array_equal(stats.sumsq, finals[1].obs_stats.sumsq)
 
 
 def test_resumed_run_keeps_the_checkpointed_reference_batch(tmp_path):
