@@ -147,9 +147,10 @@ def check_compatible(state, num_params: int) -> None:
 
 def rng_info(cfg: JobConfig) -> dict:
     """How randomness is derived (recorded in checkpoints; no generator state is carried)."""
-    return dict(scheme="draws of iteration t: SeedSequence([run.seed, t, 0x5EED]); noise "
-                       "table chunk k: SeedSequence([noise_seed, k]); initial theta: "
-                       "torch.manual_seed(run.seed)",
+    return dict(scheme="draws of iteration t: SeedSequence([run.seed, t, 0x5EED]); an "
+                       "episode's own randomness: SeedSequence([run.seed, t, 0xE915, kind, j, "
+                       "sign]); noise table chunk k: SeedSequence([noise_seed, k]); initial "
+                       "theta: torch.manual_seed(run.seed)",
                 run_seed=cfg.run.seed, noise_seed=cfg.es.noise_seed,
                 noise_table_size=cfg.es.noise_table_size)
 

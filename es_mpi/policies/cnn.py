@@ -1,6 +1,6 @@
-"""Nature-DQN policy for image observations (Mnih et al. 2015), trained by ES: argmax action.
+"""Nature-DQN policy for image observations (Mnih et al. 2015), trained by ES.
 
-frames (4, 84, 84) uint8 -> ConvEncoder -> 512 -> ReLU -> Linear (n_actions) -> argmax.
+frames (4, 84, 84) -> ConvEncoder -> 512 -> ReLU -> Linear (n_actions) -> argmax or a sample.
 Hero (18 actions): 1,693,362 parameters; 1,694,706 with virtual batch norm.
 """
 from __future__ import annotations

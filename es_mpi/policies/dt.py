@@ -3,8 +3,10 @@
 An episode is the token stream  R̂_0, s_0, a_0, R̂_1, s_1, a_1, ...  (return-to-go, state,
 action). Each token is a linear embedding of its content plus a learned embedding of its
 timestep, then LayerNorm; GPT-style causal blocks read the last K timesteps and the action of
-step t is predicted from the hidden state of the token s_t, then tanh-squashed into the action
-bounds (argmax for discrete actions); the token a_t holds the action sent to the env.
+step t is predicted from the hidden state of the token s_t and mapped by the ActionHead (tanh
+in [-1, 1] as Chen et al. and Lorenc & Neruda, or into the Box's bounds; argmax or a softmax
+sample for discrete actions); the token a_t holds that action. With `policy.dropout` the GPT
+runs with dropout active, its masks drawn from the policy's per-episode generator.
 R̂_0 = target_return * rtg_scale and every reward r lowers it by r * rtg_scale.
 
 Per-step inference (`policy.inference`) never rebuilds the sequence: tokens are embedded once,

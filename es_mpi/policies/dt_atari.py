@@ -4,8 +4,8 @@ Tokens per timestep: R̂_t, s_t, a_t with
     R̂ -> tanh(Linear(1, C))     s -> tanh(ConvEncoder(frames))     a -> tanh(Embedding(n, C))
 The transformer input is  token + global_pos_emb[t] + pos_emb[position in the window]  where t
 is the current episode timestep (what Chen et al. and Lorenc & Neruda feed when acting), then
-GPT blocks with GELU, ln_f and a bias-free head; the action is the argmax over the logits at
-the s_t token.
+GPT blocks with GELU, ln_f and a bias-free head; the action is the argmax of the logits at
+the s_t token, or a sample from their softmax (`policy.discrete_action: sample`, Lorenc's).
 
 Because the position embedding depends on where a token sits in the window, only the token
 contents are cached (each frame is encoded once, when it arrives: the costly part); the blocks
@@ -16,9 +16,10 @@ Parameter count with C=128, 6 layers, 8 heads, K=30, 4 input frames and 18 actio
     embed_return 256   embed_action 2,304   pos_emb 90x128 = 11,520
     6 blocks x 198,272 = 1,189,632   ln_f 256   head 2,304
     = 1,685,792  +  global_pos_emb: 128 per row (max_ep_len rows)
-e.g. max_ep_len 6,300 -> 2,492,192 (≈2.49M, the paper's count; jobs/atari_hero.yaml), and
-2,492,768 with `policy.vbn` (scale and shift of 32+64+64+128 VBN features); Lorenc & Neruda's
-code passes max_timestep 10,000 (-> 2,965,792). Timesteps beyond max_ep_len use the last row.
+e.g. the authors' max_timestep 10,000 -> 2,965,792 (jobs/atari_hero.yaml), +576 with
+`policy.vbn` (scale and shift of 32+64+64+128 VBN features). The paper's "≈2.49M" is mingpt's
+log line, printed before the encoder and the return/action embeddings exist (docs/fidelity.md).
+Timesteps beyond max_ep_len use the last row (the authors' index would run off the table).
 """
 from __future__ import annotations
 
