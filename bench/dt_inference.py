@@ -8,6 +8,8 @@ Paths compared (same weights, same observation stream of one 1000-step episode):
   full      policy.inference=full: rolling preallocated buffers, whole window through modules
   window    policy.inference=window: exact, cached tokens + block-0 q/k/v, last block for s_t
   kv_cache  policy.inference=kv_cache: streaming attention, 3 new tokens per step
+  + dropout full / window with policy.dropout=0.1 (jobs/humanoid_dt.yaml): cached tokens, the
+            window through the GPT modules with fresh masks every step
 and, for scale, one Humanoid-v4 env step. Both wall-clock and process CPU time are reported
 (CPU time is steadier on a shared machine). Numbers go to docs/performance.md by hand.
 """
@@ -115,10 +117,12 @@ def main() -> int:
     obs, rewards, env_ms = record_observations(args.steps, 0)
     space = gym.make("Humanoid-v4", disable_env_checker=True)
     rows = []
-    for name in ("naive", "full", "window", "kv_cache"):
-        mode = "full" if name == "naive" else name
-        policy = make_policy(PolicyConfig(kind="dt", inference=mode), space.observation_space,
-                             space.action_space, 0)
+    paths = [("naive", "full", 0.0), ("full", "full", 0.0), ("window", "window", 0.0),
+             ("kv_cache", "kv_cache", 0.0),  # and the paper job's: dropout 0.1 in rollouts
+             ("full + dropout 0.1", "full", 0.1), ("window + dropout 0.1", "window", 0.1)]
+    for name, mode, dropout in paths:
+        policy = make_policy(PolicyConfig(kind="dt", inference=mode, dropout=dropout),
+                             space.observation_space, space.action_space, 0)
         rng = np.random.default_rng(1)
         theta = policy.get_theta()
         policy.set_theta((theta + 0.02 * rng.standard_normal(theta.size)).astype(np.float32))
