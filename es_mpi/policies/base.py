@@ -95,9 +95,10 @@ class ActionHead:
             self.size = int(np.prod(action_space.shape))
             low = np.asarray(action_space.low, dtype=np.float32)
             high = np.asarray(action_space.high, dtype=np.float32)
-            if mapping == "bounds" and not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
-                raise ValueError("policy.action_mapping 'bounds' needs finite action bounds")
-            self.mid, self.half = (high + low) / 2, (high - low) / 2
+            if mapping == "bounds":
+                if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+                    raise ValueError("policy.action_mapping 'bounds' needs finite action bounds")
+                self.mid, self.half = (high + low) / 2, (high - low) / 2
         else:
             raise ValueError(f"unsupported action space {action_space}")
         if mapping not in ("tanh", "bounds", "linear") or discrete not in ("argmax", "sample"):
