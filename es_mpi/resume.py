@@ -5,8 +5,11 @@ the same state.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from .checkpoint import (checkpoint_path, latest_valid_checkpoint, list_checkpoints,
@@ -154,22 +157,26 @@ def rng_info(cfg: JobConfig) -> dict:
                 noise_table_size=cfg.es.noise_table_size)
 
 
-def write_checkpoint(cfg: JobConfig, state) -> Path:
-    """Rank 0: checkpoint `state`, then keep only the newest run.keep_checkpoints."""
-    path = save_checkpoint(checkpoint_path(cfg.run.dir, state.iteration), state, cfg.to_yaml(),
+def write_checkpoint(cfg: JobConfig, state, results: dict) -> Path:
+    """Rank 0: checkpoint `state` with the results rows 0..iteration-1 (the ResultsWriter's),
+    then keep only the newest run.keep_checkpoints."""
+    path = save_checkpoint(checkpoint_path(cfg.run.dir, state.iteration),
+                           dataclasses.replace(state, results=results), cfg.to_yaml(),
                            rng_info(cfg))
     prune_checkpoints(cfg.run.dir, cfg.run.keep_checkpoints)
     return path
 
 
 def checkpoint_on_preemption(cfg: JobConfig, comm, flag: PreemptionFlag, state,
-                             saved: bool) -> int:
-    """All ranks: rank 0 checkpoints (unless this iteration is saved already); exit code 3."""
+                             saved: bool, results: dict | None) -> int:
+    """All ranks: rank 0 checkpoints (unless this iteration is saved already); exit code 3.
+
+    `results`: rank 0's results rows (None on the other ranks)."""
     signalled = comm.gather(flag.signum, root=0)
     if comm.Get_rank() == 0:
         path = checkpoint_path(cfg.run.dir, state.iteration)
         if not saved and state.iteration > 0:
-            write_checkpoint(cfg, state)
+            write_checkpoint(cfg, state, results)
         who = ", ".join(f"rank {r}: {signal.Signals(s).name}"
                         for r, s in enumerate(signalled) if s is not None)
         print(f"es_mpi: preempted ({who}) after iteration {state.iteration}; checkpoint "

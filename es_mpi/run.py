@@ -251,8 +251,7 @@ def start(cfg: JobConfig, comm, env, policy, force: bool = False) -> tuple:
         state = resume_or_start(cfg, comm, force)
         if state is not None and state.iteration >= cfg.run.iterations:
             if is_root:
-                print(f"es_mpi: {cfg.run.dir} is already complete (iteration {state.iteration}, "
-                      f"run.iterations={cfg.run.iterations}); nothing to do", flush=True)
+                report_complete(cfg, state)
             return None, None, EXIT_OK
         rt = build_runtime(cfg, comm, env, policy)
         state = initial_state(rt) if state is None else state
@@ -265,16 +264,31 @@ def start(cfg: JobConfig, comm, env, policy, force: bool = False) -> tuple:
     return state, rt, None
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def report_complete(cfg: JobConfig, state) -> None:
+    """Rank 0, run already complete: check results.h5 against the checkpoint's rows and
+    rebuild it (with a warning) if it is missing, unreadable or different."""
+    from .results import repair_results
+
+    repair_results(Path(cfg.run.dir) / "results.h5", state.iteration, state.results,
+                   cfg.to_yaml(), _warn)
+    print(f"es_mpi: {cfg.run.dir} is already complete (iteration {state.iteration}, "
+          f"run.iterations={cfg.run.iterations}); nothing to do", flush=True)
+
+
 def open_results(cfg: JobConfig, state, comm, rt: Runtime):
-    """Rank 0: write config.yaml, open results.h5 keeping the rows before `state.iteration`."""
+    """Rank 0: write config.yaml, open results.h5 with the rows before `state.iteration`
+    (taken from the resumed checkpoint; a damaged old results.h5 is set aside)."""
     from .results import ResultsWriter
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     writer = ResultsWriter(run_dir / "results.h5", keep_rows=state.iteration,
-                           config_text=cfg.to_yaml(),
-                           warn=lambda m: print(m, file=sys.stderr, flush=True))
+                           config_text=cfg.to_yaml(), warn=_warn, rows=state.results)
     print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
           f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
           f"run dir {run_dir}", flush=True)
@@ -297,7 +311,8 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
     try:
         while state.iteration < cfg.run.iterations:
             if flag.agreed(comm):  # the iteration boundary: every rank decides the same
-                return checkpoint_on_preemption(cfg, comm, flag, state, saved)
+                return checkpoint_on_preemption(cfg, comm, flag, state, saved,
+                                                writer.rows() if is_root else None)
             state, row = run_iteration(cfg, comm, rt, state)
             saved = False
             if cfg.run.verify_every and state.iteration % cfg.run.verify_every == 0:
@@ -308,7 +323,7 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
             if (state.iteration % cfg.run.checkpoint_every == 0
                     or state.iteration == cfg.run.iterations):
                 if is_root:
-                    write_checkpoint(cfg, state)
+                    write_checkpoint(cfg, state, writer.rows())
                 saved = True
     finally:
         if writer is not None:
