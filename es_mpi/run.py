@@ -89,15 +89,26 @@ class Runtime:
     obs_shape: tuple
 
 
-def build_env_and_policy(cfg: JobConfig) -> tuple:
-    """The rank-local part of set-up (no MPI): bad ids or sizes raise ConfigError."""
+def preflight(cfg: JobConfig, is_root: bool):
+    """The cheap checks, before torch is imported: run.dir (rank 0, which alone writes it) and
+    the environment (every rank; an unknown env.id or a bad env.kwargs raises ConfigError).
+    Returns the environment, which the run then uses."""
+    from .envs import make_env
+    from .resume import check_run_dir
+
+    if is_root:
+        check_run_dir(Path(cfg.run.dir))
+    return make_env(cfg.env)
+
+
+def build_policy(cfg: JobConfig, env):
+    """The policy for `env` (imports torch); a noise table smaller than theta, or VBN asked
+    of a policy without VBN layers, raises ConfigError."""
     import torch
 
-    from .envs import make_env
     from .policies import make_policy
 
     torch.set_num_threads(cfg.run.torch_threads)
-    env = make_env(cfg.env)
     try:
         policy = make_policy(cfg.policy, env.observation_space, env.action_space, cfg.run.seed)
     except ValueError as exc:
@@ -109,7 +120,15 @@ def build_env_and_policy(cfg: JobConfig) -> tuple:
         from .policies.vbn import uses_vbn
         if not uses_vbn(policy):
             raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")
-    return env, policy
+    return policy
+
+
+def build_env_and_policy(cfg: JobConfig) -> tuple:
+    """The rank-local part of set-up (no MPI): bad ids or sizes raise ConfigError."""
+    from .envs import make_env
+
+    env = make_env(cfg.env)
+    return env, build_policy(cfg, env)
 
 
 def build_runtime(cfg: JobConfig, comm, env=None, policy=None) -> Runtime:
@@ -334,14 +353,16 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
 
 
 def launch(comm, args, flag: PreemptionFlag) -> int:
-    """Check the launcher, load the job, build env and policy (all ranks agree), then train."""
+    """Check the launcher, load the job, check run.dir and build the env (cheap, before
+    torch), build the policy (all ranks agree at each step), then train."""
     if not check_launcher(comm):
         return EXIT_LAUNCHER_ERROR
     cfg = agree(comm, load_job, args.job, args.overrides)
-    built = cfg and agree(comm, build_env_and_policy, cfg)
-    if not built:
+    env = None if cfg is None else agree(comm, preflight, cfg, comm.Get_rank() == 0)
+    policy = None if env is None else agree(comm, build_policy, cfg, env)
+    if policy is None:
         return EXIT_CONFIG_ERROR
-    return train(cfg, comm, *built, flag, args.force)
+    return train(cfg, comm, env, policy, flag, args.force)
 
 
 def main(argv: list[str] | None = None) -> int:
