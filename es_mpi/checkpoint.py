@@ -149,18 +149,10 @@ def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
         obs.create_dataset("sumsq", data=np.asarray(state.obs_stats.sumsq, dtype=np.float64))
         obs.attrs["count"] = np.float64(state.obs_stats.count)
         f.create_dataset("prev_lengths", data=state.prev_lengths.astype(np.int64))
-        extras = f.create_group("extras")
-        for name, value in state.extras.items():
-            extras.create_dataset(name, data=value)
-        results = f.create_group("results")
-        for name, column in rows.items():
-            results.create_dataset(name, data=column)
-        rng_grp = f.create_group("rng")
-        for key, value in (rng or {}).items():
-            rng_grp.attrs[key] = value
-        versions = f.create_group("versions")
-        for key, value in library_versions().items():
-            versions.attrs[key] = value
+        _write_members(f, "extras", state.extras)
+        _write_members(f, "results", rows)
+        _write_members(f, "rng", rng or {}, as_attrs=True)
+        _write_members(f, "versions", library_versions(), as_attrs=True)
         f.attrs["checksum_algorithm"] = CHECKSUM_ALGORITHM
         f.attrs["checksum"] = content_digest(f)
         f.flush()
@@ -169,6 +161,16 @@ def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
+
+
+def _write_members(f: h5py.File, group: str, items: dict, as_attrs: bool = False) -> None:
+    """A group holding one dataset (or, with as_attrs, one attribute) per item."""
+    grp = f.create_group(group)
+    for name, value in items.items():
+        if as_attrs:
+            grp.attrs[name] = value
+        else:
+            grp.create_dataset(name, data=value)
 
 
 def _fsync_dir(directory: Path) -> None:
