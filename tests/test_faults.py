@@ -187,6 +187,26 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(reference, killed, t
     assert_recovered(run_dir, reference, 2)
 
 
+def as_format_1(ckpt: Path) -> None:
+    """Rewrite a checkpoint as format 1 wrote it: no results/ group, checksum to match."""
+    from es_mpi.checkpoint import content_digest
+    with h5py.File(ckpt, "r+") as f:
+        del f["results"]
+        f.attrs["format_version"] = 1
+        f.attrs["checksum"] = content_digest(f)
+
+
+def test_a_format_1_checkpoint_still_resumes_reading_rows_from_results_h5(reference, killed,
+                                                                         tmp_path):
+    run_dir = copy_run(killed, tmp_path / "run")
+    as_format_1(checkpoint_path(run_dir, 4))
+    state, _ = load_checkpoint(checkpoint_path(run_dir, 4))
+    assert state.results is None and state.iteration == 4
+    proc = resume(run_dir)
+    assert "ckpt_000004.h5 (iteration 4)" in proc.stdout and "WARNING" not in proc.stderr
+    assert_recovered(run_dir, reference, 0)  # rows 0..3 came from the intact old file
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_value", "delete"])
 def test_a_complete_run_repairs_its_damaged_results_file(reference, tmp_path, damage):
     """Case 4: was exit 0 'already complete' over a broken file."""
