@@ -20,8 +20,11 @@ import h5py
 import numpy as np
 
 from .es import ObsStats, OptimizerState
+from .h5safe import HDF5_ERRORS, GuardedReadError, guard_seconds, guarded_call
+from .results import check_rows
 
-FORMAT_VERSION = 1
+# 2: adds the group `results/` (the results.h5 rows 0..iteration-1); format 1 loads too.
+FORMAT_VERSION = 2
 CHECKSUM_ALGORITHM = "blake2b-256 over sorted (path, dtype, shape, bytes) of datasets and attrs"
 _CKPT_RE = re.compile(r"^ckpt_(\d{6,})\.h5$")
 # Libraries whose version is recorded in every checkpoint (read from package metadata, so
@@ -49,6 +52,10 @@ class TrainState:
     # Arrays that other parts need restored bitwise (e.g. a VBN reference batch), saved under
     # the checkpoint group `extras/` by name.
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    # The results.h5 rows 0..iteration-1 (one array per column), saved under `results/`: a
+    # resumed run rebuilds results.h5 from them. Rank 0's ResultsWriter holds them during a
+    # run (the loop does not carry them); None when loaded from a format-1 checkpoint.
+    results: dict[str, np.ndarray] | None = None
 
 
 def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
@@ -117,7 +124,11 @@ def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
 
     `rng` (optional) records how randomness is derived (seeds), for readers; resuming needs
     no generator state because every draw is a function of (run.seed, iteration, j).
+    `state.results` must hold the results rows 0..iteration-1 (ValueError otherwise).
     """
+    if state.results is None:
+        raise ValueError("save_checkpoint: state.results (the results rows) is required")
+    rows = check_rows(state.results, state.iteration)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -138,15 +149,10 @@ def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
         obs.create_dataset("sumsq", data=np.asarray(state.obs_stats.sumsq, dtype=np.float64))
         obs.attrs["count"] = np.float64(state.obs_stats.count)
         f.create_dataset("prev_lengths", data=state.prev_lengths.astype(np.int64))
-        extras = f.create_group("extras")
-        for name, value in state.extras.items():
-            extras.create_dataset(name, data=value)
-        rng_grp = f.create_group("rng")
-        for key, value in (rng or {}).items():
-            rng_grp.attrs[key] = value
-        versions = f.create_group("versions")
-        for key, value in library_versions().items():
-            versions.attrs[key] = value
+        _write_members(f, "extras", state.extras)
+        _write_members(f, "results", rows)
+        _write_members(f, "rng", rng or {}, as_attrs=True)
+        _write_members(f, "versions", library_versions(), as_attrs=True)
         f.attrs["checksum_algorithm"] = CHECKSUM_ALGORITHM
         f.attrs["checksum"] = content_digest(f)
         f.flush()
@@ -155,6 +161,16 @@ def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
+
+
+def _write_members(f: h5py.File, group: str, items: dict, as_attrs: bool = False) -> None:
+    """A group holding one dataset (or, with as_attrs, one attribute) per item."""
+    grp = f.create_group(group)
+    for name, value in items.items():
+        if as_attrs:
+            grp.attrs[name] = value
+        else:
+            grp.create_dataset(name, data=value)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -171,8 +187,32 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[TrainState, str]:
-    """Read a checkpoint back: (state, resolved config text). Raises CheckpointError."""
+def load_checkpoint(path: str | Path, verify: bool = True,
+                    guard: bool = False) -> tuple[TrainState, str]:
+    """Read a checkpoint back: (state, resolved config text). Raises CheckpointError.
+
+    Opened without SWMR: HDF5 makes one attempt per metadata read, so damage it detects
+    fails at once. With `guard`, the checkpoint is first loaded in a child process under a
+    time limit (es_mpi.h5safe), against damage that makes HDF5 itself loop or crash (its
+    global heap, which holds the strings, has no checksum); only a file that passed is read
+    here, by the same code.
+    """
+    if guard:
+        try:
+            guarded_call(_check_loads, str(path), verify, timeout=guard_seconds(path))
+        except GuardedReadError as exc:
+            if exc.kind == "CheckpointError":
+                raise CheckpointError(str(exc)) from None
+            raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    return _read_checkpoint(path, verify)
+
+
+def _check_loads(path: str, verify: bool) -> None:
+    """Load and drop (run in the guard's child process: only the verdict travels back)."""
+    _read_checkpoint(path, verify)
+
+
+def _read_checkpoint(path: str | Path, verify: bool) -> tuple[TrainState, str]:
     try:
         with h5py.File(path, "r") as f:
             if verify:
@@ -194,12 +234,25 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[TrainState, 
                 episodes=int(f.attrs["episodes"]),
                 wall_seconds=float(f.attrs["wall_seconds"]),
                 extras={name: ds[()] for name, ds in f["extras"].items()},
+                results=_stored_rows(f, int(f.attrs["iteration"])),
             )
             return state, str(f.attrs["config"])
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError) as exc:  # truncated, not HDF5, missing members
+    # truncated, not HDF5, missing members, undecodable metadata; TypeError: a member of the
+    # wrong kind (a broken link reads as None)
+    except (*HDF5_ERRORS, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+
+
+def _stored_rows(f: h5py.File, iteration: int) -> dict[str, np.ndarray] | None:
+    """The `results/` rows of a checkpoint (None in format 1, which did not store them)."""
+    if "results" not in f:
+        return None
+    try:
+        return check_rows({name: ds[()] for name, ds in f["results"].items()}, iteration)
+    except ValueError as exc:
+        raise CheckpointError(f"{f.filename}: {exc}") from None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -215,12 +268,13 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_valid_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = print
-                            ) -> tuple[TrainState, str, Path] | None:
-    """The newest checkpoint that loads and passes its checksum; corrupt ones are reported."""
+def latest_valid_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = print,
+                            guard: bool = True) -> tuple[TrainState, str, Path] | None:
+    """The newest checkpoint that loads and passes its checksum; corrupt ones are reported.
+    Guarded (see load_checkpoint): a damaged file never hangs or crashes the caller."""
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
-            state, config_text = load_checkpoint(path)
+            state, config_text = load_checkpoint(path, guard=guard)
         except CheckpointError as exc:
             warn(f"es_mpi: WARNING: skipping corrupt checkpoint: {exc}")
             continue

@@ -46,7 +46,8 @@ class Checkpoint:
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """A checkpoint file as given (checksum verified), or the newest valid
-    `checkpoints/ckpt_*.h5` of a run directory (corrupt ones are reported and skipped)."""
+    `checkpoints/ckpt_*.h5` of a run directory (corrupt ones are reported and skipped).
+    Damaged files raise CheckpointError within seconds (a guarded read, es_mpi.h5safe)."""
     from .checkpoint import latest_valid_checkpoint, load_checkpoint
 
     path = Path(path)
@@ -57,7 +58,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                                     f"directory")
         state, config_text, path = found
     elif path.is_file():
-        state, config_text = load_checkpoint(path)
+        state, config_text = load_checkpoint(path, guard=True)  # damage: an error, no hang
     else:
         raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
     return Checkpoint(path, state.theta.astype(np.float32), config_text, state.iteration,

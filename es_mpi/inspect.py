@@ -2,14 +2,17 @@
 
 PATH may be a run directory, a results.h5 file, a folder holding run directories (searched
 recursively) or a glob. Files are opened in SWMR-read mode, so a running job (or one killed
-with SIGKILL) can be inspected. Never imports MPI.
+with SIGKILL) can be inspected; a damaged file is named on stderr within a second and skipped
+(exit code 1), never a hang. Never imports MPI.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import glob
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import numpy as np
 import yaml
 
 from .config import flatten
-from .results import read_attrs, read_results
+from .results import ResultsError, read_file
 
 # Keys that tell seeds of one experiment apart; runs equal in everything else form a group.
 _PER_RUN_KEYS = ("run.seed", "run.dir", "run.iterations")
@@ -59,13 +62,30 @@ def find_results(paths: list[str]) -> list[Path]:
     return unique
 
 
-def load_runs(paths: list[str]) -> list[Run]:
+def load_runs(paths: list[str], errors: list[str] | None = None) -> list[Run]:
+    """The runs under `paths`, each file read in a child process under a time limit (a few
+    at a time). A damaged results.h5 raises ResultsError within seconds, or, with an `errors`
+    list, is reported there and skipped."""
+    files = find_results(paths)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        outcomes = list(pool.map(_read_run, files))
     runs = []
-    for p in find_results(paths):
-        attrs = read_attrs(p)
-        config = flatten(yaml.safe_load(attrs.get("config") or "") or {})
-        runs.append(Run(p, read_results(p), config))
+    for outcome in outcomes:
+        if isinstance(outcome, ResultsError):
+            if errors is None:
+                raise outcome
+            errors.append(str(outcome))
+        else:
+            runs.append(outcome)
     return runs
+
+
+def _read_run(path: Path) -> Run | ResultsError:
+    try:
+        columns, attrs = read_file(path)  # guarded: damage is an error, never a hang
+    except ResultsError as exc:
+        return exc
+    return Run(path, columns, flatten(yaml.safe_load(attrs.get("config") or "") or {}))
 
 
 def _nanfn(fn, x: np.ndarray) -> float:
@@ -210,14 +230,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="write every iteration of every run (long format); '-' for stdout")
     p.add_argument("--plot", metavar="FILE.png", help="eval return and seconds per iteration")
     args = p.parse_args(argv)
+    errors: list[str] = []
     try:
-        runs = load_runs(args.paths)
-    except (FileNotFoundError, OSError, KeyError) as exc:
+        runs = load_runs(args.paths, errors)
+    except (FileNotFoundError, OSError) as exc:
         print(f"es_mpi.inspect: {exc}", file=sys.stderr)
         return 1
+    for message in errors:  # damaged files: named, skipped, and the exit code says so
+        print(f"es_mpi.inspect: {message}", file=sys.stderr)
+    if not runs:
+        return 1
+    code = 1 if errors else 0
     if args.csv == "-":
         write_csv(runs, sys.stdout)
-        return 0
+        return code
     print(format_table([summarize(r) for r in runs]))
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
@@ -225,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.csv}")
     if args.plot:
         print(f"wrote {plot(runs, args.plot)}")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from .h5safe import (HDF5_ERRORS, LIVE_READ_ATTEMPTS, NO_WRITER_READ_ATTEMPTS, guard_seconds,
+                     guarded_call, open_read, retries_can_be_bounded)
 
 # name -> (dtype, units, meaning); the public schema of `iterations/` (docs/results-format.md)
 COLUMNS: dict[str, tuple[str, str, str]] = {
@@ -42,38 +46,78 @@ def _fill(dtype: np.dtype):
     return np.nan if np.dtype(dtype).kind == "f" else -1
 
 
+class ResultsError(OSError):
+    """results.h5 cannot be read: truncated, damaged, or not an es_mpi results file."""
+
+
+def set_aside(path: Path, why: str, warn, suffix: str = ".unreadable") -> Path:
+    """Rename a bad results file to `<name><suffix>` (kept for inspection, never read)."""
+    aside = path.with_name(path.name + suffix)
+    os.replace(path, aside)
+    warn(f"es_mpi: WARNING: {why}; moved it aside to {aside}")
+    return aside
+
+
+def _rows_from_old_file(path: Path, keep_rows: int, warn) -> dict[str, np.ndarray]:
+    """Rows 0..keep_rows-1 read from an existing results.h5, for a checkpoint that does not
+    carry them (format 1); rows that cannot be read become placeholders (NaN / -1)."""
+    old: dict[str, np.ndarray] = {}
+    if keep_rows and path.exists():
+        try:
+            old = read_results(path, attempts=NO_WRITER_READ_ATTEMPTS, guard=True)
+        except ResultsError as exc:
+            set_aside(path, str(exc), warn)
+    have = len(old.get("iteration", ()))
+    if have < keep_rows:
+        warn(f"es_mpi: WARNING: {path} holds {have} rows, fewer than the {keep_rows} "
+             "iterations being resumed, and the checkpoint predates stored rows; the missing "
+             "rows cannot be recovered and are filled with NaN / -1")
+    rows = {}
+    for name, (dtype, _, _) in COLUMNS.items():
+        col = np.full(keep_rows, _fill(dtype), dtype=dtype)
+        if name in old:
+            col[:min(have, keep_rows)] = old[name][:keep_rows]
+        rows[name] = col
+    rows["iteration"] = np.arange(keep_rows, dtype=np.int64)  # rows stay indexed by t
+    return rows
+
+
+def check_rows(rows: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """`rows` as one array per column of COLUMNS, each of length n with iteration == 0..n-1."""
+    missing = [name for name in COLUMNS if name not in rows]
+    if missing:
+        raise ValueError(f"results rows lack the column(s) {', '.join(missing)}")
+    out = {name: np.asarray(rows[name], dtype=dtype) for name, (dtype, _, _) in COLUMNS.items()}
+    if any(col.shape != (n,) for col in out.values()):
+        raise ValueError(f"results rows: expected {n} rows in every column, got "
+                         + ", ".join(f"{k} {v.shape}" for k, v in out.items() if v.shape != (n,)))
+    if not np.array_equal(out["iteration"], np.arange(n)):
+        raise ValueError("results rows: iteration is not 0..n-1")
+    return out
+
+
 class ResultsWriter:
     """Append-only, chunked, gzip-compressed datasets; SWMR so readers can follow a live run.
 
-    Opening rebuilds the file from the first `keep_rows` rows of any existing results.h5 (a
-    resumed run drops rows computed after its checkpoint and recomputes them). Rebuilding,
+    Opening always writes a fresh file holding rows 0..keep_rows-1, which a resumed run takes
+    from its checkpoint (`rows`, the truth: the damaged or newer old file is never needed);
+    only for a checkpoint without rows (format 1) are they read from the old file. An old
+    file that does not read is set aside as `results.h5.unreadable` with a warning. Rebuilding,
     rather than reopening, also repairs a file whose writer was killed: HDF5 refuses to reopen
-    such a file for writing until its consistency flags are cleared.
+    such a file for writing until its consistency flags are cleared. The writer keeps every
+    row in memory too (`rows()`), so each checkpoint can carry them.
     """
 
     def __init__(self, path: str | Path, keep_rows: int = 0, config_text: str = "",
-                 warn=print):
+                 warn=print, rows: dict[str, np.ndarray] | None = None):
         self.path = Path(path)
-        old = {}
-        if keep_rows and self.path.exists():
-            try:
-                old = read_results(self.path)
-            except (OSError, KeyError) as exc:  # not HDF5 / no iterations group: keep it aside
-                aside = self.path.with_name(self.path.name + ".unreadable")
-                os.replace(self.path, aside)
-                warn(f"es_mpi: WARNING: cannot read {self.path} ({exc}); moved it to {aside}")
-        have = len(old.get("iteration", ()))
-        if have < keep_rows:
-            warn(f"es_mpi: WARNING: {self.path} holds {have} rows, fewer than the "
-                 f"{keep_rows} iterations being resumed; the missing rows cannot be recovered "
-                 "and are filled with NaN / -1")
-        rows = {}
-        for name, (dtype, _, _) in COLUMNS.items():
-            col = np.full(keep_rows, _fill(dtype), dtype=dtype)
-            if name in old:
-                col[:min(have, keep_rows)] = old[name][:keep_rows]
-            rows[name] = col
-        rows["iteration"] = np.arange(keep_rows, dtype=np.int64)  # rows stay indexed by t
+        if rows is not None:
+            rows = check_rows(rows, keep_rows)
+            if keep_rows and self.path.exists():
+                self._set_aside_if_unreadable(warn)
+        else:
+            rows = _rows_from_old_file(self.path, keep_rows, warn)
+        self._rows = {name: list(col) for name, col in rows.items()}
         tmp = self.path.with_name(self.path.name + ".tmp")
         self._write_fresh(tmp, rows, config_text)
         self.file = h5py.File(tmp, "a", libver=_LIBVER)
@@ -81,6 +125,12 @@ class ResultsWriter:
         self.file.swmr_mode = True  # no attribute may be written after this point
         # Publish only now: a reader never finds the file in its locked, non-SWMR state.
         os.replace(tmp, self.path)
+
+    def _set_aside_if_unreadable(self, warn) -> None:
+        try:  # the caller holds run.dir's lock: no writer exists, so no retries are needed
+            read_results(self.path, attempts=NO_WRITER_READ_ATTEMPTS, guard=True)
+        except ResultsError as exc:
+            set_aside(self.path, f"{exc} (rebuilt from the checkpoint, no row is lost)", warn)
 
     @staticmethod
     def _write_fresh(tmp: Path, rows: dict[str, np.ndarray], config_text: str) -> None:
@@ -111,16 +161,26 @@ class ResultsWriter:
         sees iteration[i] == i knows the whole row i is on disk (read_results relies on it).
         """
         n = len(self)
+        if row["iteration"] != n:
+            raise ValueError(f"results row {row['iteration']} appended as row {n}")
         for name in COLUMNS:
             if name != "iteration":
-                ds = self.grp[name]
-                ds.resize((n + 1,))
-                ds[n] = row.get(name, _fill(ds.dtype))
+                self._put(name, n, row.get(name, _fill(COLUMNS[name][0])))
         self.file.flush()
-        ds = self.grp["iteration"]
+        self._put("iteration", n, row["iteration"])
+        self.file.flush()
+
+    def _put(self, name: str, n: int, value) -> None:
+        value = np.asarray(value, dtype=COLUMNS[name][0])  # the very value memory keeps
+        ds = self.grp[name]
         ds.resize((n + 1,))
-        ds[n] = row["iteration"]
-        self.file.flush()
+        ds[n] = value
+        self._rows[name].append(value[()])
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """Every row written so far, one array per column (what a checkpoint stores)."""
+        return {name: np.array(self._rows[name], dtype=dtype)
+                for name, (dtype, _, _) in COLUMNS.items()}
 
     def close(self) -> None:
         self.file.close()
@@ -140,19 +200,114 @@ def committed_rows(columns: dict[str, np.ndarray]) -> int:
     return int(bad[0]) if bad.size else n
 
 
-def read_results(path: str | Path) -> dict[str, np.ndarray]:
-    """All `iterations/` columns as arrays of the committed rows.
+def _load(path: str, attempts: int | None, with_attrs: bool) -> tuple[dict, dict]:
+    """(columns, root attributes or {}) as stored; HDF5 errors propagate."""
+    with open_read(path, swmr=True, attempts=attempts) as f:
+        cols = {}
+        for name, ds in f["iterations"].items():
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:  # e.g. a broken link: None
+                raise KeyError(f"iterations/{name} is not a 1-D dataset")
+            cols[name] = ds[()]
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v)
+                 for k, v in f.attrs.items()} if with_attrs else {}
+    return cols, attrs
+
+
+def read_file(path: str | Path, attempts: int = LIVE_READ_ATTEMPTS,
+              guard: bool = True) -> tuple[dict, dict]:
+    """(committed columns, root attributes) of a results file; ResultsError if it is damaged.
 
     Opened in SWMR-read mode, so it works on a file being written and on one whose writer was
-    killed (a plain open of such a file fails until `h5clear -s` clears its flags).
+    killed (a plain open of such a file fails until `h5clear -s` clears its flags). HDF5's
+    retries of a bad metadata read are bounded (`attempts`; 1 where no writer can exist),
+    and with `guard` the read runs in a child process under a time limit (es_mpi.h5safe),
+    so damage becomes ResultsError within seconds instead of a hang or a crash.
     """
-    with h5py.File(path, "r", swmr=True) as f:
-        cols = {name: ds[()] for name, ds in f["iterations"].items()}
+    return _read(path, attempts, guard, with_attrs=True)
+
+
+def _read(path: str | Path, attempts: int, guard: bool, with_attrs: bool) -> tuple[dict, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file")
+    guard = guard or not retries_can_be_bounded()
+    try:
+        if guard:
+            cols, attrs = guarded_call(_load, str(path), attempts, with_attrs,
+                                       timeout=guard_seconds(path))
+        else:
+            cols, attrs = _load(str(path), attempts, with_attrs)
+    except HDF5_ERRORS as exc:
+        raise ResultsError(f"results.h5 unreadable/damaged: {path}: {exc}") from None
     n = committed_rows(cols)
-    return {name: v[:n] for name, v in cols.items()}
+    return {name: v[:n] for name, v in cols.items()}, attrs
 
 
-def read_attrs(path: str | Path) -> dict:
-    """Root attributes of a results file (format_version, config, es_mpi_version)."""
-    with h5py.File(path, "r", swmr=True) as f:
-        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+def read_results(path: str | Path, attempts: int = LIVE_READ_ATTEMPTS,
+                 guard: bool = False) -> dict[str, np.ndarray]:
+    """All `iterations/` columns as arrays of the committed rows; ResultsError if damaged.
+
+    In this process by default (fast enough to poll a live run): the metadata of the
+    columns is checksummed in the 1.10 format and the retries are bounded. `guard=True`
+    adds `read_file`'s time limit against damage that HDF5 does not detect.
+    """
+    return _read(path, attempts, guard, with_attrs=False)[0]
+
+
+def read_attrs(path: str | Path, attempts: int = LIVE_READ_ATTEMPTS) -> dict:
+    """Root attributes of a results file (format_version, config, es_mpi_version); always
+    guarded: strings live in HDF5's global heap, which has no checksum."""
+    return read_file(path, attempts, guard=True)[1]
+
+
+@dataclass
+class ResultsProblem:
+    """What is wrong with a results file, found by `results_problem`."""
+
+    message: str
+    readable: bool  # the file reads, but disagrees with what the checkpoint says
+
+
+def results_problem(path: str | Path, n: int, rows: dict | None = None) -> ResultsProblem | None:
+    """Why `path` does not hold exactly rows 0..n-1 (equal to `rows` when given), or None.
+
+    For a run whose lock this process holds: no writer can exist, so no read is retried.
+    """
+    try:
+        cols = read_results(path, attempts=NO_WRITER_READ_ATTEMPTS, guard=True)
+    except FileNotFoundError:
+        return ResultsProblem(f"{path} is missing", readable=False)
+    except ResultsError as exc:
+        return ResultsProblem(str(exc), readable=False)
+    have = len(cols.get("iteration", ()))
+    if have != n:
+        return ResultsProblem(f"{path} holds {have} rows, the checkpoint {n}", readable=True)
+    for name, (dtype, _, _) in COLUMNS.items() if rows is not None else ():
+        want = np.asarray(rows[name], dtype=dtype)
+        if name not in cols or cols[name].tobytes() != want.tobytes():
+            return ResultsProblem(f"{path}: column {name!r} differs from the rows stored in "
+                                  "the checkpoint", readable=True)
+    return None
+
+
+def repair_results(path: str | Path, n: int, rows: dict | None, config_text: str,
+                   warn=print) -> bool:
+    """Check results.h5 of a finished run against its checkpoint; rebuild it if it is damaged.
+
+    The bad file is set aside (`.unreadable` if it does not read, `.damaged` if it reads but
+    disagrees). Returns True if it was rebuilt. Without stored rows (a format-1 checkpoint)
+    a damaged file can only be reported.
+    """
+    path = Path(path)
+    problem = results_problem(path, n, rows)
+    if problem is None:
+        return False
+    if rows is None:
+        warn(f"es_mpi: WARNING: {problem.message}; the checkpoint predates stored results "
+             "rows, so results.h5 cannot be rebuilt")
+        return False
+    if path.exists():
+        set_aside(path, problem.message, warn, ".damaged" if problem.readable else ".unreadable")
+    ResultsWriter(path, keep_rows=n, config_text=config_text, warn=warn, rows=rows).close()
+    warn(f"es_mpi: WARNING: rebuilt {path} from the checkpoint ({n} rows)")
+    return True

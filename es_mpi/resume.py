@@ -5,8 +5,11 @@ the same state.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from .checkpoint import (checkpoint_path, latest_valid_checkpoint, list_checkpoints,
@@ -25,19 +28,42 @@ RESUME_IGNORED_KEYS = ("run.iterations", "run.dir", "run.checkpoint_every",
 _held_locks: dict[str, object] = {}
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Raise ConfigError unless run_dir is, or can be made, a writable directory.
+
+    Modifies nothing: a missing run_dir is probed by creating and removing a temporary
+    directory in its nearest existing parent (that also catches /proc-like file systems).
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir: {run_dir} exists and is not a directory")
+    base = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == p.parent)
+    if not base.is_dir():
+        raise ConfigError(f"run.dir: cannot create {run_dir}: {base} is not a directory")
+    try:
+        read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
+        if not read_only and base != run_dir:
+            os.rmdir(tempfile.mkdtemp(prefix=".es_mpi_probe_", dir=base))
+    except OSError as exc:
+        raise ConfigError(f"run.dir: cannot create {run_dir}: {exc.strerror}") from None
+    if read_only:
+        raise ConfigError(f"run.dir: {base} is on a read-only file system")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir: {base} is not writable by this user")
+
+
 def lock_run_dir(run_dir: Path) -> str | None:
     """Rank 0: hold an exclusive lock on run_dir/.lock; None, or who holds it already.
 
     Two jobs writing one run.dir (a resubmission while the first still runs) would overwrite
     each other's results and checkpoints. The OS drops the lock when the process dies, so a
-    killed or preempted job never leaves a stale lock behind.
+    killed or preempted job never leaves a stale lock behind. Nothing is written into the
+    file here (`claim_lock` does that once the start goes ahead), so taking and releasing
+    the lock of an existing file changes nothing.
     """
     import fcntl
-    import os
-    import socket
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a+")
+    handle = open(run_dir / ".lock", "a+")  # append mode: opening changes neither data nor mtime
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -45,13 +71,25 @@ def lock_run_dir(run_dir: Path) -> str | None:
         holder = handle.read().strip() or "another process"
         handle.close()
         return holder
+    _held_locks[str(run_dir)] = handle
+    return None
+
+
+def claim_lock(run_dir: Path) -> None:
+    """Record this process (host, pid, SLURM job) in the lock it holds on run_dir."""
+    import socket
+
+    handle = _held_locks[str(run_dir)]
     handle.seek(0)
     handle.truncate()
     handle.write(f"host {socket.gethostname()} pid {os.getpid()} "
                  f"slurm job {os.environ.get('SLURM_JOB_ID', '-')}\n")
     handle.flush()
-    _held_locks[str(run_dir)] = handle
-    return None
+
+
+def release_lock(run_dir: Path) -> None:
+    """Give up the lock on run_dir, leaving the file as it was."""
+    _held_locks.pop(str(run_dir)).close()
 
 
 def config_differences(saved_text: str, cfg: JobConfig,
@@ -80,19 +118,57 @@ class ResumeRefused(Exception):
 
 
 def _resume_decision(cfg: JobConfig, force: bool) -> tuple:
-    """Rank 0: ('fresh',) or ('resume', state, path) or ('refuse', message)."""
+    """Rank 0: ('fresh',) or ('resume', state, path) or ('refuse', message).
+
+    A refusal modifies nothing in run.dir (the lock file included)."""
     run_dir = Path(cfg.run.dir)
     warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    holder = lock_run_dir(run_dir)
-    if holder is not None:
+    try:
+        check_run_dir(run_dir)
+        decision = _decide_locked(cfg, run_dir, force, warn)
+    except ConfigError as exc:
+        return ("refuse", str(exc))
+    except OSError as exc:
+        return ("refuse", f"run.dir: cannot use {run_dir}: {exc}")
+    if decision[0] != "refuse":
+        claim_lock(run_dir)
+        # --force over checkpoints that are all corrupt starts over: keep them aside
+        set_aside_newer(run_dir, decision[1].iteration if decision[0] == "resume" else -1, warn)
+    return decision
+
+
+def _decide_locked(cfg: JobConfig, run_dir: Path, force: bool, warn) -> tuple:
+    """The decision, taken holding run_dir's lock, which is kept unless the start is refused.
+
+    A run dir without a .lock file is held by no run: there the decision comes first and the
+    lock file is made only when the run goes ahead, so a refusal creates nothing.
+    """
+    def in_use(holder: str) -> tuple:
         return ("refuse", f"{run_dir} is in use by another es_mpi run ({holder}); wait for it "
                           "to end or choose another run.dir")
+
+    if (run_dir / ".lock").exists():
+        holder = lock_run_dir(run_dir)
+        if holder is not None:
+            return in_use(holder)
+        decision = _choose_start(cfg, run_dir, force, warn)
+        if decision[0] == "refuse":
+            release_lock(run_dir)
+        return decision
+    decision = _choose_start(cfg, run_dir, force, warn)
+    if decision[0] == "refuse":
+        return decision
+    holder = lock_run_dir(run_dir)
+    return decision if holder is None else in_use(holder)
+
+
+def _choose_start(cfg: JobConfig, run_dir: Path, force: bool, warn) -> tuple:
+    """Read-only: the newest valid checkpoint to resume, afresh, or refuse (and why)."""
     found = latest_valid_checkpoint(run_dir, warn)
     if found is None:
         if list_checkpoints(run_dir) and not force:
             return ("refuse", f"{run_dir}/checkpoints holds checkpoints but none passes its "
                               "checksum; inspect them, or pass --force to start over")
-        set_aside_newer(run_dir, -1, warn)  # --force: start over, keep the corrupt ones aside
         return ("fresh",)
     state, saved_text, path = found
     diffs = config_differences(saved_text, cfg)
@@ -104,7 +180,6 @@ def _resume_decision(cfg: JobConfig, force: bool) -> tuple:
     if diffs:
         warn("es_mpi: WARNING: --force: resuming with a changed configuration:\n  "
              + "\n  ".join(diffs))
-    set_aside_newer(run_dir, state.iteration, warn)
     return ("resume", state, path)
 
 
@@ -155,22 +230,26 @@ def rng_info(cfg: JobConfig) -> dict:
                 noise_table_size=cfg.es.noise_table_size)
 
 
-def write_checkpoint(cfg: JobConfig, state) -> Path:
-    """Rank 0: checkpoint `state`, then keep only the newest run.keep_checkpoints."""
-    path = save_checkpoint(checkpoint_path(cfg.run.dir, state.iteration), state, cfg.to_yaml(),
+def write_checkpoint(cfg: JobConfig, state, results: dict) -> Path:
+    """Rank 0: checkpoint `state` with the results rows 0..iteration-1 (the ResultsWriter's),
+    then keep only the newest run.keep_checkpoints."""
+    path = save_checkpoint(checkpoint_path(cfg.run.dir, state.iteration),
+                           dataclasses.replace(state, results=results), cfg.to_yaml(),
                            rng_info(cfg))
     prune_checkpoints(cfg.run.dir, cfg.run.keep_checkpoints)
     return path
 
 
 def checkpoint_on_preemption(cfg: JobConfig, comm, flag: PreemptionFlag, state,
-                             saved: bool) -> int:
-    """All ranks: rank 0 checkpoints (unless this iteration is saved already); exit code 3."""
+                             saved: bool, results: dict | None) -> int:
+    """All ranks: rank 0 checkpoints (unless this iteration is saved already); exit code 3.
+
+    `results`: rank 0's results rows (None on the other ranks)."""
     signalled = comm.gather(flag.signum, root=0)
     if comm.Get_rank() == 0:
         path = checkpoint_path(cfg.run.dir, state.iteration)
         if not saved and state.iteration > 0:
-            write_checkpoint(cfg, state)
+            write_checkpoint(cfg, state, results)
         who = ", ".join(f"rank {r}: {signal.Signals(s).name}"
                         for r, s in enumerate(signalled) if s is not None)
         print(f"es_mpi: preempted ({who}) after iteration {state.iteration}; checkpoint "

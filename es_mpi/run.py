@@ -88,15 +88,26 @@ class Runtime:
     obs_shape: tuple
 
 
-def build_env_and_policy(cfg: JobConfig) -> tuple:
-    """The rank-local part of set-up (no MPI): bad ids or sizes raise ConfigError."""
+def preflight(cfg: JobConfig, is_root: bool):
+    """The cheap checks, before torch is imported: run.dir (rank 0, which alone writes it) and
+    the environment (every rank; an unknown env.id or a bad env.kwargs raises ConfigError).
+    Returns the environment, which the run then uses."""
+    from .envs import make_env
+    from .resume import check_run_dir
+
+    if is_root:
+        check_run_dir(Path(cfg.run.dir))
+    return make_env(cfg.env)
+
+
+def build_policy(cfg: JobConfig, env):
+    """The policy for `env` (imports torch); a noise table smaller than theta, or VBN asked
+    of a policy without VBN layers, raises ConfigError."""
     import torch
 
-    from .envs import make_env
     from .policies import make_policy
 
     torch.set_num_threads(cfg.run.torch_threads)
-    env = make_env(cfg.env)
     try:
         policy = make_policy(cfg.policy, env.observation_space, env.action_space, cfg.run.seed,
                              obs_normalized=cfg.env.normalize_obs)
@@ -109,7 +120,15 @@ def build_env_and_policy(cfg: JobConfig) -> tuple:
         from .policies.vbn import uses_vbn
         if not uses_vbn(policy):
             raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")
-    return env, policy
+    return policy
+
+
+def build_env_and_policy(cfg: JobConfig) -> tuple:
+    """The rank-local part of set-up (no MPI): bad ids or sizes raise ConfigError."""
+    from .envs import make_env
+
+    env = make_env(cfg.env)
+    return env, build_policy(cfg, env)
 
 
 def warn_if_mixed_kernels(comm) -> None:
@@ -293,8 +312,7 @@ def start(cfg: JobConfig, comm, env, policy, force: bool = False) -> tuple:
         state = resume_or_start(cfg, comm, force)
         if state is not None and state.iteration >= cfg.run.iterations:
             if is_root:
-                print(f"es_mpi: {cfg.run.dir} is already complete (iteration {state.iteration}, "
-                      f"run.iterations={cfg.run.iterations}); nothing to do", flush=True)
+                report_complete(cfg, state)
             return None, None, EXIT_OK
         rt = build_runtime(cfg, comm, env, policy)
         state = initial_state(rt) if state is None else state
@@ -307,16 +325,31 @@ def start(cfg: JobConfig, comm, env, policy, force: bool = False) -> tuple:
     return state, rt, None
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def report_complete(cfg: JobConfig, state) -> None:
+    """Rank 0, run already complete: check results.h5 against the checkpoint's rows and
+    rebuild it (with a warning) if it is missing, unreadable or different."""
+    from .results import repair_results
+
+    repair_results(Path(cfg.run.dir) / "results.h5", state.iteration, state.results,
+                   cfg.to_yaml(), _warn)
+    print(f"es_mpi: {cfg.run.dir} is already complete (iteration {state.iteration}, "
+          f"run.iterations={cfg.run.iterations}); nothing to do", flush=True)
+
+
 def open_results(cfg: JobConfig, state, comm, rt: Runtime):
-    """Rank 0: write config.yaml, open results.h5 keeping the rows before `state.iteration`."""
+    """Rank 0: write config.yaml, open results.h5 with the rows before `state.iteration`
+    (taken from the resumed checkpoint; a damaged old results.h5 is set aside)."""
     from .results import ResultsWriter
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     writer = ResultsWriter(run_dir / "results.h5", keep_rows=state.iteration,
-                           config_text=cfg.to_yaml(),
-                           warn=lambda m: print(m, file=sys.stderr, flush=True))
+                           config_text=cfg.to_yaml(), warn=_warn, rows=state.results)
     from .determinism import cpu_kernels
     print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
           f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
@@ -340,7 +373,8 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
     try:
         while state.iteration < cfg.run.iterations:
             if flag.agreed(comm):  # the iteration boundary: every rank decides the same
-                return checkpoint_on_preemption(cfg, comm, flag, state, saved)
+                return checkpoint_on_preemption(cfg, comm, flag, state, saved,
+                                                writer.rows() if is_root else None)
             state, row = run_iteration(cfg, comm, rt, state)
             saved = False
             if cfg.run.verify_every and state.iteration % cfg.run.verify_every == 0:
@@ -351,7 +385,7 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
             if (state.iteration % cfg.run.checkpoint_every == 0
                     or state.iteration == cfg.run.iterations):
                 if is_root:
-                    write_checkpoint(cfg, state)
+                    write_checkpoint(cfg, state, writer.rows())
                 saved = True
     finally:
         if writer is not None:
@@ -362,14 +396,16 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
 
 
 def launch(comm, args, flag: PreemptionFlag) -> int:
-    """Check the launcher, load the job, build env and policy (all ranks agree), then train."""
+    """Check the launcher, load the job, check run.dir and build the env (cheap, before
+    torch), build the policy (all ranks agree at each step), then train."""
     if not check_launcher(comm):
         return EXIT_LAUNCHER_ERROR
     cfg = agree(comm, load_job, args.job, args.overrides)
-    built = cfg and agree(comm, build_env_and_policy, cfg)
-    if not built:
+    env = None if cfg is None else agree(comm, preflight, cfg, comm.Get_rank() == 0)
+    policy = None if env is None else agree(comm, build_policy, cfg, env)
+    if policy is None:
         return EXIT_CONFIG_ERROR
-    return train(cfg, comm, *built, flag, args.force)
+    return train(cfg, comm, env, policy, flag, args.force)
 
 
 def main(argv: list[str] | None = None) -> int:

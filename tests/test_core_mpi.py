@@ -1,11 +1,13 @@
 """The protocol under real `mpiexec -n K`: invariance, failure handling, learning."""
+import subprocess
+import sys
 import time
 
 import h5py
 import numpy as np
 import pytest
 
-from mpi_helpers import REPO, TINY, mpirun, run_job
+from mpi_helpers import REPO, TINY, child_env, mpirun, run_job
 
 pytestmark = pytest.mark.mpi
 
@@ -63,21 +65,51 @@ def test_divergence_between_ranks_is_detected(tmp_path):
     assert "theta diverged across ranks after iteration 1" in proc.stderr
 
 
-# Key and value errors fail before torch/gymnasium are imported: < 5 s. Errors that need the
-# environment or the policy built (unknown env id, table too small) come after those imports.
+# Key, value, run.dir and environment errors (unknown env.id, a bad env.kwargs) all come before
+# torch is imported: < 5 s on 2 cores (measured ~1-2 s). The table-size check needs the policy
+# built, so torch first (measured ~3 s on an idle 2-core machine): a looser bound.
 @pytest.mark.parametrize("override, message, seconds", [
     ("es.sigmaa=0.1", "unknown key 'es.sigmaa'", 5),
     ("es.population=-5", "es.population: must be a positive integer, got -5", 5),
-    ("env.id=Nope-v9", "env.id: cannot make environment 'Nope-v9'", 30),
-    ("es.noise_table_size=100", "es.noise_table_size=100 is smaller than the policy's 1,249", 30),
+    ("env.id=Nope-v9", "env.id: cannot make environment 'Nope-v9'", 5),
+    ("env.kwargs={reset_noise_scalee: 0.1}", "env.kwargs: 'InvertedPendulum-v5' rejected them", 5),
+    ("es.noise_table_size=100", "es.noise_table_size=100 is smaller than the policy's 1,249", 15),
 ])
 def test_bad_config_fails_fast_naming_the_key(tmp_path, override, message, seconds):
     start = time.monotonic()
     proc = run_job(2, tmp_path / "run", override, timeout=60, check=False)
-    assert time.monotonic() - start < seconds
+    elapsed = time.monotonic() - start
+    print(f"{override}: exit {proc.returncode} after {elapsed:.2f} s")
+    assert elapsed < seconds
     assert proc.returncode == 2
     assert message in proc.stderr
     assert proc.stderr.count("configuration error") == 1  # said once, not once per rank
+    assert not (tmp_path / "run").exists()
+
+
+def test_environment_errors_come_before_torch_is_imported(tmp_path):
+    code = f"""
+import sys
+from es_mpi.config import ConfigError, load_job
+from es_mpi.run import preflight
+for overrides in (["env.id=Nope-v9"], ["env.kwargs={{reset_noise_scalee: 0.1}}"],
+                  ["env.id=ALE/Nope-v5", "env.normalize_obs=false"]):
+    cfg = load_job("jobs/quickstart.yaml", [*overrides, "run.dir={tmp_path / 'run'}"])
+    try:
+        preflight(cfg, True)
+        raise SystemExit(str(overrides) + ": no error")
+    except ConfigError as exc:
+        print(exc)
+assert "torch" not in sys.modules, "torch was imported"
+cfg = load_job("jobs/quickstart.yaml", ["run.dir={tmp_path / 'run'}"])
+preflight(cfg, True).close()
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("env.id: cannot make environment") == 2
+    assert "env.kwargs:" in proc.stdout
     assert not (tmp_path / "run").exists()
 
 

@@ -32,7 +32,15 @@ def make_state(iteration: int = 7, dim: int = 50, seed: int = 0) -> TrainState:
         opt=OptimizerState(iteration, rng.standard_normal(dim), rng.standard_normal(dim) ** 2),
         obs_stats=ObsStats(rng.standard_normal(4), rng.random(4) + 1, 123.01),
         prev_lengths=rng.integers(1, 1000, 16), timesteps=98765, episodes=224,
-        wall_seconds=12.5, extras={"vbn_ref": rng.standard_normal((3, 4)).astype(np.float32)})
+        wall_seconds=12.5, extras={"vbn_ref": rng.standard_normal((3, 4)).astype(np.float32)},
+        results=fake_columns(iteration, seed))
+
+
+def fake_columns(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows 0..n-1 of fake_row as one array per column (what a checkpoint stores)."""
+    rows = [fake_row(i, seed) for i in range(n)]
+    return {name: np.array([r[name] for r in rows], dtype=dtype)
+            for name, (dtype, _, _) in COLUMNS.items()}
 
 
 def assert_states_equal(a: TrainState, b: TrainState) -> None:
@@ -50,6 +58,10 @@ def assert_states_equal(a: TrainState, b: TrainState) -> None:
     for k in a.extras:
         assert a.extras[k].dtype == b.extras[k].dtype
         assert a.extras[k].tobytes() == b.extras[k].tobytes()
+    assert sorted(a.results) == sorted(b.results) == sorted(COLUMNS)
+    for k in a.results:
+        assert a.results[k].dtype == b.results[k].dtype
+        assert a.results[k].tobytes() == b.results[k].tobytes(), k
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -294,7 +306,8 @@ def test_h5dump_reads_results_and_checkpoints(tmp_path):
     assert out.returncode == 0 and "(0): 3" in out.stdout, out.stdout + out.stderr
 
 
-def test_unreadable_results_file_is_moved_aside_on_resume(tmp_path):
+def test_format1_resume_over_an_unreadable_results_file_keeps_placeholders(tmp_path):
+    """A checkpoint without rows (format 1): the old file is all there is to read."""
     path = tmp_path / "results.h5"
     path.write_bytes(b"garbage, not HDF5")
     warnings: list[str] = []
@@ -302,7 +315,8 @@ def test_unreadable_results_file_is_moved_aside_on_resume(tmp_path):
     w.append(fake_row(3))  # rows 0..2 are lost, but the run goes on
     w.close()
     assert (tmp_path / "results.h5.unreadable").read_bytes() == b"garbage, not HDF5"
-    assert "cannot read" in warnings[0] and "fewer than the 3 iterations" in warnings[1]
+    assert "results.h5 unreadable/damaged" in warnings[0] and str(path) in warnings[0]
+    assert "fewer than the 3 iterations" in warnings[1]
     cols = read_results(path)  # lost rows are kept as placeholders: row i is iteration i
     np.testing.assert_array_equal(cols["iteration"], np.arange(4))
     assert np.isnan(cols["eval_return"][:3]).all() and (cols["timesteps"][:3] == -1).all()
