@@ -6,6 +6,7 @@ world size, a singleton `python -m es_mpi.run` included.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 import traceback
@@ -108,18 +109,35 @@ class SharedTable:
         self.node_comm.Free()
 
 
+NODE_SIZE_VAR = "ES_MPI_NODE_SIZE"  # test multi-node logic on one machine: pseudo-nodes of k ranks
+
+
+def node_comm(comm: MPI.Comm) -> MPI.Comm:
+    """The ranks that share memory with this one: its node (COMM_TYPE_SHARED), or, with
+    ES_MPI_NODE_SIZE=k, the pseudo-node of ranks [k*i, k*i + k) (all on one machine)."""
+    k = os.environ.get(NODE_SIZE_VAR, "")
+    if k:
+        return comm.Split(comm.Get_rank() // int(k), key=comm.Get_rank())
+    return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+
+
+def _allocate_shared(node: MPI.Comm, size: int, dtype) -> tuple[MPI.Win, np.ndarray]:
+    """One array of `size` values per node (node rank 0 owns it, the others map it)."""
+    itemsize = np.dtype(dtype).itemsize
+    win = MPI.Win.Allocate_shared(size * itemsize if node.Get_rank() == 0 else 0, itemsize,
+                                  comm=node)
+    buf, _ = win.Shared_query(0)
+    return win, np.ndarray(buffer=buf, dtype=dtype, shape=(size,))
+
+
 def shared_noise_table(comm: MPI.Comm, size: int, noise_seed: int) -> SharedTable:
     """Allocate the table once per node and fill its chunks in parallel across the node's ranks.
 
     Rank 0 of the node owns the memory (Win.Allocate_shared); the others map it. Chunk k is
     filled by node rank k % node_size, and its values depend on (noise_seed, k) only.
     """
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    itemsize = np.dtype(np.float32).itemsize
-    nbytes = size * itemsize if node.Get_rank() == 0 else 0
-    win = MPI.Win.Allocate_shared(nbytes, itemsize, comm=node)
-    buf, _ = win.Shared_query(0)
-    table = np.ndarray(buffer=buf, dtype=np.float32, shape=(size,))
+    node = node_comm(comm)
+    win, table = _allocate_shared(node, size, np.float32)
     win.Lock_all()
     for k in range(node.Get_rank(), noise.n_chunks(size), node.Get_size()):
         noise.fill_chunk(table, noise_seed, k)
@@ -128,6 +146,42 @@ def shared_noise_table(comm: MPI.Comm, size: int, noise_seed: int) -> SharedTabl
     win.Sync()
     win.Unlock_all()
     return SharedTable(table, win, node)
+
+
+@dataclass
+class NodeSum:
+    """A float64 vector in a node-shared window: the node's ranks each write a range of
+    coordinates, then every rank reads all of them."""
+
+    array: np.ndarray
+    window: MPI.Win
+    node_comm: MPI.Comm
+
+    @classmethod
+    def allocate(cls, comm: MPI.Comm, dim: int) -> "NodeSum":
+        node = node_comm(comm)
+        win, array = _allocate_shared(node, dim, np.float64)
+        return cls(array, win, node)
+
+    def my_range(self) -> tuple[int, int]:
+        return split_range(self.array.size, self.node_comm.Get_size(), self.node_comm.Get_rank())
+
+    def combine(self, fill) -> np.ndarray:
+        """fill(lo, hi) -> values of coordinates [lo, hi) on each node rank; returns a private
+        copy of the whole vector on every rank. The next write to the window comes after the
+        caller's next world collective, which every rank reaches only after its copy."""
+        lo, hi = self.my_range()
+        self.window.Lock_all()
+        self.array[lo:hi] = fill(lo, hi)
+        self.window.Sync()  # publish this rank's range, wait for the node, see the others'
+        self.node_comm.Barrier()
+        self.window.Sync()
+        self.window.Unlock_all()
+        return self.array.copy()
+
+    def free(self) -> None:
+        self.window.Free()
+        self.node_comm.Free()
 
 
 def abort_on_exception(comm: MPI.Comm, fn, *args, **kwargs):

@@ -119,6 +119,10 @@ class RunConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
     verify_every: int = 1  # compare a hash of theta across ranks every this many iterations
     torch_threads: int = 1  # torch intra-op threads per rank
+    # the noise sum of the update: node_split = the ranks of a node each sum a range of the
+    # coordinates into a node-shared vector; every_rank = each rank sums all of them. Both give
+    # the same bits (each coordinate is summed in order of j); node_split is faster
+    update: Literal["node_split", "every_rank"] = "node_split"
 
 
 @dataclass

@@ -22,7 +22,8 @@ from .launch import EXIT_PREEMPTED, PreemptionFlag
 # the checkpoint was found there, so a relative vs absolute spelling or a copied run dir is
 # the same run), and how often it saves, prunes, checks or how many threads torch uses.
 RESUME_IGNORED_KEYS = ("run.iterations", "run.dir", "run.checkpoint_every",
-                       "run.keep_checkpoints", "run.verify_every", "run.torch_threads")
+                       "run.keep_checkpoints", "run.verify_every", "run.torch_threads",
+                       "run.update")
 
 # Lock files held by this process for the whole run: {run dir: open file}.
 _held_locks: dict[str, object] = {}

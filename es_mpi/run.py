@@ -86,6 +86,7 @@ class Runtime:
     noise: object  # comm.SharedTable
     episode_limit: int
     obs_shape: tuple
+    node_sum: object = None  # comm.NodeSum for run.update node_split, else None
 
 
 def preflight(cfg: JobConfig, is_root: bool):
@@ -155,7 +156,10 @@ def build_runtime(cfg: JobConfig, comm, env=None, policy=None) -> Runtime:
         env, policy = build_env_and_policy(cfg)
     warn_if_mixed_kernels(comm)
     shared = mpi.shared_noise_table(comm, cfg.es.noise_table_size, cfg.es.noise_seed)
-    return Runtime(env, policy, shared, episode_limit(env), env.observation_space.shape)
+    node_sum = (mpi.NodeSum.allocate(comm, policy.num_params)
+                if cfg.run.update == "node_split" else None)
+    return Runtime(env, policy, shared, episode_limit(env), env.observation_space.shape,
+                   node_sum)
 
 
 def initial_state(rt: Runtime):
@@ -268,7 +272,11 @@ def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dic
     # --- the same update on every rank, summed in order of j
     ret_pos, ret_neg = pairs[:, 1], pairs[:, 2]
     weights = es.fitness_weights(ret_pos, ret_neg, cfg.es.fitness_shaping, cfg.es.tie_break)
-    noise_sum = es.weighted_noise_sum(table, draws.offsets, weights, 0, dim)
+    if rt.node_sum is None:
+        noise_sum = es.weighted_noise_sum(table, draws.offsets, weights, 0, dim)
+    else:  # each rank of the node a range of coordinates: the same bits, node-parallel
+        noise_sum = rt.node_sum.combine(
+            lambda lo, hi: es.weighted_noise_sum(table, draws.offsets, weights, lo, hi))
     grad = es.gradient_estimate(noise_sum, n, cfg.es.sigma, cfg.es.divide_by_sigma,
                                 cfg.es.grad_divisor)
     theta, opt = es.es_update(state.theta, grad, state.opt, cfg.es)

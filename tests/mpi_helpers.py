@@ -45,10 +45,11 @@ def mpirun(n: int, args: list[str], timeout: float, cwd: str | Path = REPO,
 
 
 def run_job(n: int, run_dir: Path, *overrides: str, job: str = "jobs/quickstart.yaml",
-            timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+            timeout: float = 120, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """`mpiexec -n n python -m es_mpi.run JOB run.dir=RUN_DIR overrides...`."""
     return mpirun(n, ["-m", "es_mpi.run", job, f"run.dir={run_dir}", *overrides],
-                  timeout=timeout, check=check)
+                  timeout=timeout, check=check, env=env)
 
 
 # A tiny quickstart: seconds per run at any rank count.

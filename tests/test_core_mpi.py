@@ -12,9 +12,10 @@ from mpi_helpers import REPO, TINY, child_env, mpirun, run_job
 pytestmark = pytest.mark.mpi
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
-def test_comm_primitives(n):
-    proc = mpirun(n, [str(REPO / "tests/mpi_scripts/comm_checks.py")], timeout=90, check=True)
+@pytest.mark.parametrize("n, node_size", [(1, ""), (2, ""), (3, ""), (3, "2"), (2, "1")])
+def test_comm_primitives(n, node_size):
+    proc = mpirun(n, [str(REPO / "tests/mpi_scripts/comm_checks.py")], timeout=90, check=True,
+                  env=child_env(ES_MPI_NODE_SIZE=node_size))
     assert proc.stdout.count("comm checks passed") == n
 
 
@@ -26,15 +27,23 @@ def _final(run_dir):
     return theta, rows
 
 
+# (ranks, run.update, pseudo-node size): the node-split sum on one node of 2 and 3 ranks, on
+# nodes of 2 + 1 ranks, and the every-rank sum
+LAYOUTS = {"n1": (1, "node_split", ""), "n2": (2, "node_split", ""), "n3": (3, "node_split", ""),
+           "n3_nodes_2_1": (3, "node_split", "2"), "n2_every_rank": (2, "every_rank", "")}
+
+
 def test_theta_is_bitwise_equal_at_1_2_and_3_ranks(tmp_path):
     finals = {}
-    for n in (1, 2, 3):
-        proc = run_job(n, tmp_path / f"n{n}", *TINY, "run.checkpoint_every=1", timeout=120)
+    for name, (n, update, node_size) in LAYOUTS.items():
+        proc = run_job(n, tmp_path / name, *TINY, "run.checkpoint_every=1",
+                       f"run.update={update}", timeout=120,
+                       env=child_env(ES_MPI_NODE_SIZE=node_size))
         assert proc.stdout.count("iter ") == 3
-        finals[n] = _final(tmp_path / f"n{n}")
-    theta1, rows1 = finals[1]
+        finals[name] = _final(tmp_path / name)
+    theta1, rows1 = finals.pop("n1")
     assert theta1.dtype == np.float32 and theta1.size == 1249
-    for n in (2, 3):
+    for n in finals:
         theta, rows = finals[n]
         assert np.array_equal(theta.view(np.uint32), theta1.view(np.uint32)), f"{n} ranks differ"
         for key in ("iteration", "timesteps", "fitness_mean", "fitness_max", "eval_return",

@@ -77,6 +77,13 @@ def test_weighted_noise_sum_matches_dense_product_and_any_split():
     parts = [es.weighted_noise_sum(table, offsets, weights, lo, hi)
              for lo, hi in [(0, 7), (7, 150), (150, 300)]]
     assert np.array_equal(np.concatenate(parts), full)  # bitwise, whatever the split
+    for block in (1, 7, 64, 10_000):  # and whatever the cache blocking
+        assert np.array_equal(es.weighted_noise_sum(table, offsets, weights, 0, dim, block), full)
+    # the same float64 ops in the same order as the plain loop over j
+    plain = np.zeros(dim)
+    for o, w in zip(offsets, weights):
+        plain += table[o:o + dim] * np.float64(w)
+    assert np.array_equal(plain, full)
 
 
 def test_gradient_estimate_scaling():

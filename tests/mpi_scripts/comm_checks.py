@@ -1,4 +1,6 @@
 """Run under `mpiexec -n K`: checks of es_mpi.comm at any world size."""
+import os
+
 import numpy as np
 
 from es_mpi import comm as mpi
@@ -41,6 +43,18 @@ def check_shared_table(comm):
     return marker
 
 
+def check_node_sum(comm):
+    """Each node rank fills its range; every rank reads the whole vector, twice in a row."""
+    k = int(os.environ.get(mpi.NODE_SIZE_VAR) or comm.size)
+    node_sum = mpi.NodeSum.allocate(comm, 1001)
+    assert node_sum.node_comm.size == min(k, comm.size - (comm.rank // k) * k)
+    for scale in (1.0, -2.0):
+        out = node_sum.combine(lambda lo, hi: np.arange(lo, hi) * scale)
+        assert np.array_equal(out, np.arange(1001) * scale)
+        comm.Barrier()  # the iteration's world collective between two combines
+    node_sum.free()
+
+
 def check_identical(comm):
     theta = np.arange(5, dtype=np.float32)
     digest = mpi.check_identical(comm, theta, 0)
@@ -54,5 +68,6 @@ if __name__ == "__main__":
     check_split(world)
     check_gather_by_key(world)
     check_shared_table(world)
+    check_node_sum(world)
     check_identical(world)
     print(f"comm checks passed on rank {world.rank} of {world.size}", flush=True)
