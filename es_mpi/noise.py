@@ -43,20 +43,18 @@ class Draws:
     eval_seeds: np.ndarray  # (E,) int64, reset seeds of the unperturbed evaluation episodes
 
 
-# es.env_seeds -> how many distinct reset seeds an iteration's 2N episodes get
-ENV_SEED_MODES = ("per_iteration", "per_pair", "per_episode")
+def _seeds(rng: np.random.Generator, shape) -> np.ndarray:
+    return rng.integers(0, 2**31 - 1, size=shape, dtype=np.int64)
 
 
-def _env_seeds(rng: np.random.Generator, population: int, mode: str) -> np.ndarray:
-    """(N, 2) reset seeds: one for the whole population (Lorenc & Neruda), one per mirrored
-    pair (both signs start alike), or one per episode (OpenAI, who never seed)."""
-    if mode == "per_iteration":
-        return np.full((population, 2), rng.integers(0, 2**31 - 1), dtype=np.int64)
-    if mode == "per_pair":
-        return np.repeat(rng.integers(0, 2**31 - 1, size=(population, 1), dtype=np.int64), 2, 1)
-    if mode == "per_episode":
-        return rng.integers(0, 2**31 - 1, size=(population, 2), dtype=np.int64)
-    raise ValueError(f"unknown env seed mode {mode!r}")
+# es.env_seeds -> (generator, N) -> (N, 2) reset seeds of the episodes (j, +), (j, -): one for
+# the whole population (Lorenc & Neruda), one per mirrored pair (both signs start alike), or one
+# per episode (OpenAI, who never seed)
+ENV_SEEDS = {
+    "per_iteration": lambda rng, n: np.broadcast_to(_seeds(rng, (1, 1)), (n, 2)).copy(),
+    "per_pair": lambda rng, n: np.repeat(_seeds(rng, (n, 1)), 2, axis=1),
+    "per_episode": lambda rng, n: _seeds(rng, (n, 2)),
+}
 
 
 def iteration_draws(run_seed: int, iteration: int, population: int, table_size: int, dim: int,
@@ -75,9 +73,9 @@ def iteration_draws(run_seed: int, iteration: int, population: int, table_size: 
     r_off, r_env, r_obs, r_eval = (np.random.Generator(np.random.PCG64(s)) for s in ss.spawn(4))
     return Draws(
         offsets=r_off.integers(0, table_size - dim + 1, size=population, dtype=np.int64),
-        env_seeds=_env_seeds(r_env, population, env_seed_mode),
+        env_seeds=ENV_SEEDS[env_seed_mode](r_env, population),
         record_obs=r_obs.random((population, 2)) < obs_stat_prob,
-        eval_seeds=r_eval.integers(0, 2**31 - 1, size=eval_episodes, dtype=np.int64),
+        eval_seeds=_seeds(r_eval, eval_episodes),
     )
 
 

@@ -233,7 +233,7 @@ def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dic
     draws = iteration_draws(seed, t, n, table.size, dim,
                             cfg.env.obs_stat_prob if cfg.env.normalize_obs else 0.0,
                             cfg.es.eval_episodes, cfg.es.env_seeds)
-    shared = cfg.es.env_seeds == "per_iteration"  # the population shares its randomness too
+    common = cfg.es.env_seeds == "per_iteration"  # the population shares its randomness too
     cap = es.adaptive_episode_cap(rt.episode_limit, state.prev_lengths, cfg.es.episode_cap_factor)
     norm = make_normalizer(cfg.env, state.obs_stats)
 
@@ -248,7 +248,7 @@ def run_iteration(cfg: JobConfig, comm, rt: Runtime, state) -> tuple[object, dic
             res = run_episode(rt.env, rt.policy, draws.env_seeds[j, s], cap, norm,
                               bool(draws.record_obs[j, s]),
                               episode_seed=episode_seed(seed, t, TRAIN_EPISODE,
-                                                        0 if shared else j, s),
+                                                        0 if common else j, s),
                               action_noise_std=cfg.policy.action_noise_std)
             out.append(res)
             if res.obs_count:
@@ -351,6 +351,7 @@ def report_complete(cfg: JobConfig, state) -> None:
 def open_results(cfg: JobConfig, state, comm, rt: Runtime):
     """Rank 0: write config.yaml, open results.h5 with the rows before `state.iteration`
     (taken from the resumed checkpoint; a damaged old results.h5 is set aside)."""
+    from .determinism import cpu_kernels
     from .results import ResultsWriter
 
     run_dir = Path(cfg.run.dir)
@@ -358,7 +359,6 @@ def open_results(cfg: JobConfig, state, comm, rt: Runtime):
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     writer = ResultsWriter(run_dir / "results.h5", keep_rows=state.iteration,
                            config_text=cfg.to_yaml(), warn=_warn, rows=state.results)
-    from .determinism import cpu_kernels
     print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
           f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
           f"run dir {run_dir}, CPU kernels {cpu_kernels()}", flush=True)

@@ -92,9 +92,20 @@ def test_obs_sampling_is_per_episode():
     assert abs(both - 0.09) < 0.01  # independent: p^2, not p
 
 
-@pytest.mark.parametrize("mode, distinct", [("per_iteration", 1), ("per_pair", 50),
-                                            ("per_episode", 100)])
-def test_env_seed_modes(mode, distinct):
+DISTINCT_SEEDS = {"per_iteration": 1, "per_pair": 50, "per_episode": 100}
+
+
+def test_every_env_seed_mode_is_tested_and_configurable():
+    from typing import get_args, get_type_hints
+
+    from es_mpi.config import ESConfig
+    assert set(noise.ENV_SEEDS) == set(DISTINCT_SEEDS)
+    assert set(get_args(get_type_hints(ESConfig)["env_seeds"])) == set(noise.ENV_SEEDS)
+
+
+@pytest.mark.parametrize("mode", sorted(noise.ENV_SEEDS))
+def test_env_seed_modes(mode):
+    distinct = DISTINCT_SEEDS[mode]
     d = noise.iteration_draws(3, 7, 50, 10_000, 10, 0.0, 0, mode)
     assert d.env_seeds.shape == (50, 2) and len(np.unique(d.env_seeds)) == distinct
     again = noise.iteration_draws(3, 7, 50, 10_000, 10, 0.0, 0, mode)
