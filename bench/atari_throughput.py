@@ -5,7 +5,7 @@
 Bare loop: `ale_py.ALEInterface` driven directly (4 frames per action, max of the last two
 greyscale screens, the same area resize, 4-frame stack) + the same policy's `act` at fixed
 theta: no gymnasium, no ES, no perturbation (so no VBN re-statistics).
-es_mpi path: real ES iterations (`run.run_iteration`) of the job with a small population:
+es_mpi path: real ES iterations (`iteration.run_iteration`) of the job with a small population:
 perturbation (and the VBN reference forward it triggers), rollouts through `envs.make_env`,
 Allgatherv, noise reconstruction and the update.
 Frames = agent steps x frame_skip. Also run by `bench/throughput.py --suite hero`.

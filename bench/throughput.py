@@ -5,7 +5,7 @@
     mpiexec -n 2 python bench/throughput.py --suite all
 
 Bare loop: env.step + the same MLP forward (torch, one thread), no ES, no normalisation.
-es_mpi path: real ES iterations (`run.run_iteration`: perturbation, normalisation, rollouts,
+es_mpi path: real ES iterations (`iteration.run_iteration`: perturbation, normalisation, rollouts,
 Allgatherv, noise reconstruction and the update) on jobs/humanoid_mlp.yaml, small population.
 Both run on every rank at once, so the per-rank numbers include the contention of the others.
 """
@@ -32,7 +32,8 @@ from es_mpi import comm as mpi  # noqa: E402
 from es_mpi.config import load_job  # noqa: E402
 from es_mpi.envs import make_env  # noqa: E402
 from es_mpi.policies import make_policy  # noqa: E402
-from es_mpi.run import build_runtime, initial_state, prepare_vbn, run_iteration  # noqa: E402
+from es_mpi.iteration import run_iteration  # noqa: E402
+from es_mpi.runtime import build_runtime, initial_state, prepare_vbn  # noqa: E402
 
 
 class BareLoop:
@@ -60,7 +61,7 @@ class BareLoop:
 
 
 class ESPath:
-    """Whole ES iterations (`run.run_iteration`): rollout + Allgatherv + update.
+    """Whole ES iterations (`iteration.run_iteration`): rollout + Allgatherv + update.
 
     `run` returns this rank's share of the env steps (times `frames_per_step`: frame skip for
     Atari) and the seconds they took.

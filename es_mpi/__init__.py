@@ -1,3 +1,3 @@
-"""es_mpi: OpenAI-ES with common random numbers over MPI (see DESIGN.md)."""
+"""es_mpi: OpenAI-ES with common random numbers over MPI (see README.md)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

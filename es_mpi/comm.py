@@ -16,19 +16,13 @@ import numpy as np
 from mpi4py import MPI
 
 from . import noise
+from .schedule import split_range  # noqa: F401  (also part of this module's API)
 
 ABORT_GRACE_SECONDS = 1.0  # between writing a failed rank's traceback and MPI_Abort
 
 
 def world() -> MPI.Comm:
     return MPI.COMM_WORLD
-
-
-def split_range(n: int, size: int, rank: int) -> tuple[int, int]:
-    """Contiguous block [lo, hi) of 0..n-1 for `rank` (sizes differ by at most one)."""
-    base, extra = divmod(n, size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
 
 
 def allgather_rows(comm: MPI.Comm, rows: np.ndarray) -> np.ndarray:
@@ -54,6 +48,13 @@ def gather_by_key(comm: MPI.Comm, rows: np.ndarray, n_keys: int | None = None) -
     if n_keys is not None and not np.array_equal(allrows[:, 0], np.arange(n_keys)):
         raise RuntimeError(f"gather_by_key: expected keys 0..{n_keys - 1} once each")
     return allrows
+
+
+def allgather_floats(comm: MPI.Comm, value: float) -> np.ndarray:
+    """One float64 from every rank, in rank order, on every rank."""
+    out = np.empty(comm.Get_size(), dtype=np.float64)
+    comm.Allgather(np.array([value], dtype=np.float64), out)
+    return out
 
 
 def allreduce_sum(comm: MPI.Comm, array: np.ndarray) -> np.ndarray:
@@ -182,6 +183,43 @@ class NodeSum:
     def free(self) -> None:
         self.window.Free()
         self.node_comm.Free()
+
+
+class WorkCounter:
+    """A counter on world rank 0 that any rank increments atomically (MPI_Fetch_and_op).
+
+    Dynamic work assignment takes chunk numbers from it. Every rank holds a passive-target
+    epoch (Lock_all) on the window for the counter's whole life, so a fetch completes with a
+    Flush and never waits for rank 0 to enter MPI: a fetch needs no lock request answered by
+    a busy target (measured with MPICH 5: the first Lock on a rank-0 window busy in Python
+    waited until rank 0's next MPI call; Lock_all + Flush answered in a few microseconds).
+    Across nodes that relies on the network's remote atomics (InfiniBand, Slingshot, EFA
+    have them); see docs/performance.md.
+
+    The counter is never reset: it only grows, and the caller subtracts its own base.
+    """
+
+    def __init__(self, comm: MPI.Comm):
+        self.window = MPI.Win.Allocate(8 if comm.Get_rank() == 0 else 0, 8, comm=comm)
+        if comm.Get_rank() == 0:  # an RMA write, so the zero is visible in any memory model
+            self.window.Lock(0, MPI.LOCK_EXCLUSIVE)
+            self.window.Put(np.zeros(1, dtype=np.int64), 0)
+            self.window.Unlock(0)
+        comm.Barrier()  # the zero is in place before anyone fetches
+        self.window.Lock_all()
+        self._one = np.ones(1, dtype=np.int64)
+        self._got = np.zeros(1, dtype=np.int64)
+
+    def fetch_add(self, increment: int = 1) -> int:
+        """Add `increment` to the counter and return the value it had before."""
+        self._one[0] = increment
+        self.window.Fetch_and_op(self._one, self._got, 0, 0, MPI.SUM)
+        self.window.Flush(0)
+        return int(self._got[0])
+
+    def free(self) -> None:
+        self.window.Unlock_all()
+        self.window.Free()
 
 
 def abort_on_exception(comm: MPI.Comm, fn, *args, **kwargs):

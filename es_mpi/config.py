@@ -123,6 +123,10 @@ class RunConfig:
     # coordinates into a node-shared vector; every_rank = each rank sums all of them. Both give
     # the same bits (each coordinate is summed in order of j); node_split is faster
     update: Literal["node_split", "every_rank"] = "node_split"
+    # which episodes a rank runs: dynamic = ranks take chunks of episodes from a shared counter
+    # (MPI_Fetch_and_op), shrinking as the pool empties, evaluation episodes first; static = a
+    # fixed block of pairs per rank. Both give the same bits (results are keyed by episode)
+    assignment: Literal["dynamic", "static"] = "dynamic"
 
 
 @dataclass

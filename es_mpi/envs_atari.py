@@ -98,12 +98,14 @@ class AtariPreprocessing(gym.Wrapper):
         # (seeded at ROM load) matters, so every seeded reset reloads the ROM.
         self.fast_reset = fast_reset and ale_env.ale.getFloat("repeat_action_probability") == 0
         self._snapshot = None
+        self._snapshot_screen = None  # the greyscale screen of the snapshot's state
         self.lives = 0
 
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         ale_env = self.env.unwrapped
-        if self._snapshot is not None and seed is not None and not options:
+        restored = self._snapshot is not None and seed is not None and not options
+        if restored:
             ale_env.seed_game(seed)  # the np_random (no-op count) AtariEnv.reset(seed) sets
             self.ale.restoreState(self._snapshot)
             info = {}
@@ -111,13 +113,17 @@ class AtariPreprocessing(gym.Wrapper):
             _, info = self.env.reset(seed=seed, options=options)
             if self.fast_reset:
                 self._snapshot = self.ale.cloneState(include_rng=True)
+                self._snapshot_screen = self.ale.getScreenGrayscale()
         noops = int(ale_env.np_random.integers(1, self.noop_max + 1)) if self.noop_max else 0
         for _ in range(noops):
             self.ale.act(self.action_set[0])
             if self.ale.game_over():  # with_truncation: a cap below the no-ops also restarts
                 _, info = self.env.reset(seed=seed, options=options)
         self.lives = self.ale.lives()
-        self.ale.getScreenGrayscale(self.screens[0])
+        if restored and not noops:  # restoreState leaves the last episode's screen in place
+            self.screens[0] = self._snapshot_screen
+        else:
+            self.ale.getScreenGrayscale(self.screens[0])
         self.stack[:] = 0 if self.stack_reset == "zeros" else self.resize(self.screens[0])
         self.stack[-1] = self.resize(self.screens[0])
         return self.stack.copy(), info
@@ -167,7 +173,9 @@ def make_atari_env(cfg, render_mode: str | None = None) -> gym.Env:
                                  max_pool=cfg.max_pool_frames,
                                  terminal_on_life_loss=cfg.terminal_on_life_loss,
                                  clip_rewards=cfg.clip_rewards,
-                                 stack_reset=cfg.frame_stack_reset)
+                                 stack_reset=cfg.frame_stack_reset,
+                                 # a snapshot restore leaves the old RGB screen for render()
+                                 fast_reset=render_mode is None)
     # agent steps the frame cap allows; env.max_episode_steps may lower it further
     steps = -(-cfg.max_frames // cfg.frame_skip)
     if cfg.max_episode_steps is not None:

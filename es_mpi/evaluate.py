@@ -76,16 +76,13 @@ class Evaluator:
     """theta's policy in its environment, with the checkpoint's observation normalisation."""
 
     def __init__(self, ckpt: Checkpoint, render: bool = False, size: tuple[int, int] | None = None):
-        import torch
-
         from .config import loads
         from .envs import episode_limit, make_env
         from .envs_atari import is_atari
-        from .policies import make_policy
         from .policies.vbn import restore_vbn_reference
         from .rollout import make_normalizer
+        from .runtime import build_policy
 
-        torch.set_num_threads(1)
         self.cfg = cfg = loads(ckpt.config_text)
         env_cfg = cfg.env
         if render and size is not None and not is_atari(cfg.env.id):  # MuJoCo frame size
@@ -93,9 +90,7 @@ class Evaluator:
                 cfg.env, kwargs={**cfg.env.kwargs, "width": size[0], "height": size[1]})
         self.env = make_env(env_cfg, render_mode="rgb_array" if render else None)
         self.limit = episode_limit(self.env)
-        self.policy = make_policy(cfg.policy, self.env.observation_space,
-                                  self.env.action_space, cfg.run.seed,
-                                  obs_normalized=cfg.env.normalize_obs)
+        self.policy = build_policy(cfg, self.env)  # one torch thread (run.torch_threads)
         if ckpt.theta.size != self.policy.num_params:
             raise ValueError(f"{ckpt.path}: theta has {ckpt.theta.size} values, the policy of "
                              f"its config {self.policy.num_params}")

@@ -1,6 +1,7 @@
 """results.h5: one row per iteration in 1-D datasets under `iterations/` (rank 0 writes)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,18 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "update_norm": ("f8", "-", "L2 norm of theta_{t+1} - theta_t"),
     "theta_norm": ("f8", "-", "L2 norm of theta_{t+1}"),
     "obs_count": ("f8", "observations", "observations in the normalisation statistics"),
+    "rollout_idle": ("f8", "fraction", "idle share of the rollout stage over all ranks: "
+                     "1 - mean/max of the ranks' seconds in episodes"),
 }
+# Columns added after results were first stored in checkpoints (format 2): rows from an older
+# checkpoint lack them and get NaN / -1 there, as a run made before they existed.
+LATER_COLUMNS = ("rollout_idle",)
 
 
 FORMAT_VERSION = 1
 # Wall-clock columns: the only ones that differ between two runs of the same job and seed.
-TIMING_COLUMNS = ("wall_seconds", "iteration_seconds", "time_rollout", "time_comm", "time_update")
+TIMING_COLUMNS = ("wall_seconds", "iteration_seconds", "time_rollout", "time_comm", "time_update",
+                  "rollout_idle")
 _LIBVER = ("v110", "v110")  # SWMR needs >= 1.10; pinning it keeps HDF5 1.10 tools (h5dump) able
 
 
@@ -82,8 +89,48 @@ def _rows_from_old_file(path: Path, keep_rows: int, warn) -> dict[str, np.ndarra
     return rows
 
 
+@dataclass(frozen=True)
+class IterationRow:
+    """One row of results.h5, field for field the columns of COLUMNS (a test keeps them equal)."""
+
+    iteration: int
+    timesteps: int
+    episodes: int
+    wall_seconds: float
+    iteration_seconds: float
+    time_rollout: float
+    time_comm: float
+    time_update: float
+    fitness_mean: float
+    fitness_max: float
+    fitness_min: float
+    fitness_std: float
+    eval_return: float
+    eval_length: float
+    episode_length_mean: float
+    episode_cap: int
+    grad_norm: float
+    update_norm: float
+    theta_norm: float
+    obs_count: float
+    rollout_idle: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """The line rank 0 prints for the iteration."""
+        return (f"iter {self.iteration:5d} | steps {self.timesteps:>11,d} | "
+                f"episodes {self.episodes:>9,d} | fitness mean {self.fitness_mean:9.2f} "
+                f"max {self.fitness_max:9.2f} | eval {self.eval_return:9.2f} | "
+                f"cap {self.episode_cap:5d} | {self.iteration_seconds:6.2f}s")
+
+
 def check_rows(rows: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """`rows` as one array per column of COLUMNS, each of length n with iteration == 0..n-1."""
+    """`rows` as one array per column of COLUMNS, each of length n with iteration == 0..n-1.
+    Columns of LATER_COLUMNS missing from older rows are filled with NaN / -1."""
+    rows = {**{name: np.full(n, _fill(COLUMNS[name][0]), dtype=COLUMNS[name][0])
+               for name in LATER_COLUMNS}, **rows}
     missing = [name for name in COLUMNS if name not in rows]
     if missing:
         raise ValueError(f"results rows lack the column(s) {', '.join(missing)}")
@@ -154,18 +201,24 @@ class ResultsWriter:
     def __len__(self) -> int:
         return int(self.grp["iteration"].shape[0])
 
-    def append(self, row: dict) -> None:
-        """Add one row; columns missing from `row` get NaN (floats) or -1 (integers).
+    def append(self, row: dict | IterationRow) -> None:
+        """Add one row, which must have exactly the columns of COLUMNS (a misspelt or missing
+        one is a ValueError naming it, never a silent NaN).
 
         `iteration` is written last, after a flush of all the other columns: a reader that
         sees iteration[i] == i knows the whole row i is on disk (read_results relies on it).
         """
+        row = row.as_dict() if isinstance(row, IterationRow) else row
+        if set(row) != set(COLUMNS):
+            raise ValueError("results row: unknown column(s) "
+                             f"{sorted(set(row) - set(COLUMNS))}, missing column(s) "
+                             f"{sorted(set(COLUMNS) - set(row))}")
         n = len(self)
         if row["iteration"] != n:
             raise ValueError(f"results row {row['iteration']} appended as row {n}")
         for name in COLUMNS:
             if name != "iteration":
-                self._put(name, n, row.get(name, _fill(COLUMNS[name][0])))
+                self._put(name, n, row[name])
         self.file.flush()
         self._put("iteration", n, row["iteration"])
         self.file.flush()
@@ -284,6 +337,8 @@ def results_problem(path: str | Path, n: int, rows: dict | None = None) -> Resul
         return ResultsProblem(f"{path} holds {have} rows, the checkpoint {n}", readable=True)
     for name, (dtype, _, _) in COLUMNS.items() if rows is not None else ():
         want = np.asarray(rows[name], dtype=dtype)
+        if name not in cols and name in LATER_COLUMNS:
+            continue  # a file written before the column existed
         if name not in cols or cols[name].tobytes() != want.tobytes():
             return ResultsProblem(f"{path}: column {name!r} differs from the rows stored in "
                                   "the checkpoint", readable=True)

@@ -20,10 +20,11 @@ from .launch import EXIT_PREEMPTED, PreemptionFlag
 # Keys that may differ between a checkpoint's config and the resuming command's, because they
 # change no number of the run: extending it (run.iterations), moving its directory (run.dir:
 # the checkpoint was found there, so a relative vs absolute spelling or a copied run dir is
-# the same run), and how often it saves, prunes, checks or how many threads torch uses.
+# the same run), how often it saves, prunes, checks or how many threads torch uses, and how
+# the work is shared out (run.update, run.assignment: the same bits either way).
 RESUME_IGNORED_KEYS = ("run.iterations", "run.dir", "run.checkpoint_every",
                        "run.keep_checkpoints", "run.verify_every", "run.torch_threads",
-                       "run.update")
+                       "run.update", "run.assignment")
 
 # Lock files held by this process for the whole run: {run dir: open file}.
 _held_locks: dict[str, object] = {}

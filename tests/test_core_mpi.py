@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from es_mpi.results import COLUMNS, TIMING_COLUMNS
 from mpi_helpers import REPO, TINY, child_env, mpirun, run_job
 
 pytestmark = pytest.mark.mpi
@@ -27,32 +28,39 @@ def _final(run_dir):
     return theta, rows
 
 
-# (ranks, run.update, pseudo-node size): the node-split sum on one node of 2 and 3 ranks, on
-# nodes of 2 + 1 ranks, and the every-rank sum
-LAYOUTS = {"n1": (1, "node_split", ""), "n2": (2, "node_split", ""), "n3": (3, "node_split", ""),
-           "n3_nodes_2_1": (3, "node_split", "2"), "n2_every_rank": (2, "every_rank", "")}
+# (ranks, run.update, run.assignment, pseudo-node size): dynamic (the default) and static work
+# assignment; the node-split sum on one node of 2 and 3 ranks, on pseudo-nodes of 1, 2 (2 + 1
+# ranks) and 3, and the every-rank sum
+LAYOUTS = {
+    "n1": (1, "node_split", "dynamic", ""), "n2": (2, "node_split", "dynamic", ""),
+    "n3": (3, "node_split", "dynamic", ""), "n3_nodes_of_1": (3, "node_split", "dynamic", "1"),
+    "n3_nodes_of_2": (3, "node_split", "dynamic", "2"), "n3_nodes_of_3": (3, "node_split", "dynamic", "3"),
+    "n2_static": (2, "node_split", "static", ""), "n3_static_nodes_of_2": (3, "node_split", "static", "2"),
+    "n1_static": (1, "node_split", "static", ""), "n2_every_rank": (2, "every_rank", "dynamic", ""),
+}
 
 
-def test_theta_is_bitwise_equal_at_1_2_and_3_ranks(tmp_path):
+def test_theta_and_rows_are_bitwise_equal_at_1_2_and_3_ranks(tmp_path):
     finals = {}
-    for name, (n, update, node_size) in LAYOUTS.items():
+    for name, (n, update, assignment, node_size) in LAYOUTS.items():
         proc = run_job(n, tmp_path / name, *TINY, "run.checkpoint_every=1",
-                       f"run.update={update}", timeout=120,
+                       f"run.update={update}", f"run.assignment={assignment}", timeout=120,
                        env=child_env(ES_MPI_NODE_SIZE=node_size))
         assert proc.stdout.count("iter ") == 3
         finals[name] = _final(tmp_path / name)
     theta1, rows1 = finals.pop("n1")
     assert theta1.dtype == np.float32 and theta1.size == 1249
-    for n in finals:
-        theta, rows = finals[n]
-        assert np.array_equal(theta.view(np.uint32), theta1.view(np.uint32)), f"{n} ranks differ"
-        for key in ("iteration", "timesteps", "fitness_mean", "fitness_max", "eval_return",
-                    "update_norm", "obs_count", "episode_cap"):
-            assert np.array_equal(rows[key], rows1[key]), key
+    for name in finals:
+        theta, rows = finals[name]
+        assert np.array_equal(theta.view(np.uint32), theta1.view(np.uint32)), f"{name} differs"
+        for key in COLUMNS:
+            if key not in TIMING_COLUMNS:
+                assert np.array_equal(rows[key], rows1[key]), (name, key)
     # the run really moved theta and really used the obs statistics
     with h5py.File(tmp_path / "n1" / "checkpoints" / "ckpt_000001.h5") as f:
         assert not np.array_equal(f["theta"][()], theta1)
     assert rows1["obs_count"][-1] > 1
+    assert np.all((rows1["rollout_idle"] >= 0) & (rows1["rollout_idle"] < 1))
 
 
 def test_results_file_has_the_public_columns(tmp_path):
@@ -100,7 +108,7 @@ def test_environment_errors_come_before_torch_is_imported(tmp_path):
     code = f"""
 import sys
 from es_mpi.config import ConfigError, load_job
-from es_mpi.run import preflight
+from es_mpi.runtime import preflight
 for overrides in (["env.id=Nope-v9"], ["env.kwargs={{reset_noise_scalee: 0.1}}"],
                   ["env.id=ALE/Nope-v5", "env.normalize_obs=false"]):
     cfg = load_job("jobs/quickstart.yaml", [*overrides, "run.dir={tmp_path / 'run'}"])
@@ -122,16 +130,18 @@ assert "torch" not in sys.modules, "torch was imported"
     assert not (tmp_path / "run").exists()
 
 
-def test_exception_on_one_rank_ends_the_job_with_its_traceback(tmp_path):
+# rank 0 holds the dynamic assignment's counter: the others may be fetching from it
+@pytest.mark.parametrize("rank, assignment", [(1, "dynamic"), (0, "dynamic"), (1, "static")])
+def test_exception_on_one_rank_ends_the_job_with_its_traceback(tmp_path, rank, assignment):
     start = time.monotonic()
-    proc = mpirun(3, [str(REPO / "tests/mpi_scripts/inject.py"), "raise", "1", "1",
+    proc = mpirun(3, [str(REPO / "tests/mpi_scripts/inject.py"), "raise", str(rank), "1",
                       "jobs/quickstart.yaml", f"run.dir={tmp_path}", *TINY,
-                      "run.iterations=1000"], timeout=60)
+                      "run.iterations=1000", f"run.assignment={assignment}"], timeout=60)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert elapsed < 30
-    assert "rank 1 of 3 failed" in proc.stderr
-    assert "RuntimeError: injected failure on rank 1" in proc.stderr
+    assert f"rank {rank} of 3 failed" in proc.stderr
+    assert f"RuntimeError: injected failure on rank {rank}" in proc.stderr
 
 
 def test_setup_failure_on_one_rank_ends_the_job(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from es_mpi import comm as mpi
 from es_mpi.checkpoint import load_checkpoint
 from es_mpi.config import loads
-from es_mpi.run import build_runtime, prepare_vbn
+from es_mpi.runtime import build_runtime, prepare_vbn
 
 comm = mpi.world()
 state, text = load_checkpoint(sys.argv[1])

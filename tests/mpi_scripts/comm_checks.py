@@ -1,5 +1,6 @@
 """Run under `mpiexec -n K`: checks of es_mpi.comm at any world size."""
 import os
+import time
 
 import numpy as np
 
@@ -55,6 +56,40 @@ def check_node_sum(comm):
     node_sum.free()
 
 
+def check_work_counter(comm):
+    """Every value of the shared counter is handed out exactly once, whatever the timing."""
+    counter = mpi.WorkCounter(comm)
+    got = []
+    for i in range(20):
+        if comm.rank == 1:
+            time.sleep(0.001)  # a slower rank takes fewer values
+        got.append(counter.fetch_add(1))
+    everyone = sorted(sum(comm.allgather(got), []))
+    assert everyone == list(range(20 * comm.size)), everyone
+    assert counter.fetch_add(0) == 20 * comm.size
+    comm.Barrier()
+    counter.free()
+
+
+def check_dynamic_assignment(comm):
+    """Over several iterations of different sizes, every item goes to exactly one rank, and a
+    rank that is slow per item takes fewer of them."""
+    from es_mpi.iteration import DynamicAssignment
+
+    work = DynamicAssignment(comm)
+    for n_eval, n_pairs in ((1, 40), (0, 7), (3, 1), (2, 60)):
+        mine = []
+        for item in work.items(n_eval, n_pairs):
+            mine.append(item)
+            time.sleep(0.004 if comm.rank == 0 else 0.0005)
+        per_rank = comm.allgather(mine)
+        assert sorted(sum(per_rank, [])) == list(range(n_eval + 2 * n_pairs)), per_rank
+        if comm.size > 1 and n_pairs >= 40:
+            assert len(per_rank[0]) < len(per_rank[1]), [len(x) for x in per_rank]
+    comm.Barrier()
+    work.free()
+
+
 def check_identical(comm):
     theta = np.arange(5, dtype=np.float32)
     digest = mpi.check_identical(comm, theta, 0)
@@ -70,4 +105,6 @@ if __name__ == "__main__":
     check_shared_table(world)
     check_node_sum(world)
     check_identical(world)
+    check_work_counter(world)
+    check_dynamic_assignment(world)
     print(f"comm checks passed on rank {world.rank} of {world.size}", flush=True)

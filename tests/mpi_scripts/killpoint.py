@@ -74,7 +74,7 @@ if world.Get_rank() == 0:
 
         def append(self, row):
             real_append(self, row)
-            if row["iteration"] == n:
+            if (row.iteration if isinstance(row, results.IterationRow) else row["iteration"]) == n:
                 kill_job()
 
         results.ResultsWriter.append = append

@@ -1,0 +1,200 @@
+"""Set-up of a run: environment, policy, the node-shared noise table, VBN, the starting state.
+
+Used by `es_mpi.run`, `es_mpi.evaluate`, the benchmarks and the tests. The rank-local pieces
+(`preflight`, `build_policy`) raise ConfigError on bad input; the collective ones take a
+`comm` and go through `es_mpi.comm` (this module does not import mpi4py).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError, JobConfig
+
+
+@dataclass
+class Runtime:
+    """What one rank builds once: environment, policy, shared noise table, work assignment."""
+
+    env: object
+    policy: object
+    noise: object  # comm.SharedTable
+    episode_limit: int  # the env's own step limit (evaluation episodes run up to it)
+    obs_shape: tuple
+    assignment: object  # iteration.ASSIGNMENTS[run.assignment]: which episodes this rank runs
+    node_sum: object = None  # comm.NodeSum for run.update node_split, else None
+
+    def free(self) -> None:
+        """Collective: release the MPI windows (the counter, the node sum, the noise table)."""
+        self.assignment.free()
+        if self.node_sum is not None:
+            self.node_sum.free()
+        self.noise.free()
+
+
+def preflight(cfg: JobConfig, is_root: bool):
+    """The cheap checks, before torch is imported: run.dir (rank 0, which alone writes it) and
+    the environment (every rank; an unknown env.id or a bad env.kwargs raises ConfigError).
+    Returns the environment, which the run then uses."""
+    from . import envs
+    from .resume import check_run_dir
+
+    if is_root:
+        check_run_dir(Path(cfg.run.dir))
+    return envs.make_env(cfg.env)
+
+
+def build_policy(cfg: JobConfig, env):
+    """The policy for `env` (imports torch); a noise table smaller than theta, or VBN asked
+    of a policy without VBN layers, raises ConfigError."""
+    import torch
+
+    from .policies import make_policy
+
+    torch.set_num_threads(cfg.run.torch_threads)
+    try:
+        policy = make_policy(cfg.policy, env.observation_space, env.action_space, cfg.run.seed,
+                             obs_normalized=cfg.env.normalize_obs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if policy.num_params > cfg.es.noise_table_size:
+        raise ConfigError(f"es.noise_table_size={cfg.es.noise_table_size} is smaller than the "
+                          f"policy's {policy.num_params:,} parameters")
+    if cfg.policy.vbn:
+        from .policies.vbn import uses_vbn
+        if not uses_vbn(policy):
+            raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")
+    return policy
+
+
+def build_env_and_policy(cfg: JobConfig) -> tuple:
+    """The rank-local part of set-up (no MPI): bad ids or sizes raise ConfigError."""
+    from . import envs
+
+    env = envs.make_env(cfg.env)
+    return env, build_policy(cfg, env)
+
+
+def warn_if_mixed_kernels(comm) -> None:
+    """Rank 0 warns when ranks run different CPU kernels (then a return may depend on the node
+    that computed it, and theta on the rank count); see es_mpi/determinism.py."""
+    from .determinism import cpu_kernels
+
+    kinds = comm.gather(cpu_kernels(), root=0)
+    if comm.Get_rank() == 0 and len(set(kinds)) > 1:
+        where = "; ".join(f"{k}: ranks {[r for r, x in enumerate(kinds) if x == k]}"
+                          for k in sorted(set(kinds)))
+        print(f"es_mpi: WARNING: ranks run different CPU kernels ({where}); episode returns "
+              "may depend on the node, so theta is no longer independent of the rank count. "
+              "Set ATEN_CPU_CAPABILITY and MKL_CBWR to one value everywhere.", file=sys.stderr,
+              flush=True)
+
+
+def build_runtime(cfg: JobConfig, comm, env=None, policy=None) -> Runtime:
+    """Environment, policy, the node-shared noise table and the work assignment (collective
+    over `comm`)."""
+    from . import comm as mpi
+    from .envs import episode_limit
+    from .iteration import ASSIGNMENTS
+
+    if env is None:
+        env, policy = build_env_and_policy(cfg)
+    warn_if_mixed_kernels(comm)
+    shared = mpi.shared_noise_table(comm, cfg.es.noise_table_size, cfg.es.noise_seed)
+    node_sum = (mpi.NodeSum.allocate(comm, policy.num_params)
+                if cfg.run.update == "node_split" else None)
+    return Runtime(env, policy, shared, episode_limit(env), env.observation_space.shape,
+                   ASSIGNMENTS[cfg.run.assignment](comm), node_sum)
+
+
+def initial_state(rt: Runtime):
+    """Iteration 0: the policy's initial theta (a function of run.seed), zero optimiser state,
+    empty observation statistics."""
+    from .checkpoint import TrainState
+    from .es import ObsStats, OptimizerState
+
+    theta = rt.policy.get_theta()
+    return TrainState(0, theta, OptimizerState.zeros(theta.size), ObsStats.empty(rt.obs_shape),
+                      prev_lengths=np.zeros(0, dtype=np.int64))
+
+
+def prepare_vbn(cfg: JobConfig, comm, rt: Runtime, state) -> None:
+    """Virtual batch norm: give the policy its reference batch (no-op unless policy.vbn).
+
+    A resumed state brings the batch in `state.extras['vbn_reference']`; otherwise rank 0
+    collects it with a random policy seeded by run.seed alone and broadcasts it, and it is
+    stored in the extras so checkpoints carry it. Every rank checks it holds the same bytes.
+    """
+    if not cfg.policy.vbn:
+        return
+    from . import comm as mpi
+    from .envs_atari import random_policy_observations
+    from .policies.vbn import EXTRAS_KEY, set_vbn_reference
+
+    ref = state.extras.get(EXTRAS_KEY)
+    if ref is None:
+        if comm.Get_rank() == 0:
+            ref = random_policy_observations(rt.env, cfg.run.seed, cfg.policy.vbn_batch)
+        ref = mpi.broadcast_array(comm, ref)
+        state.extras[EXTRAS_KEY] = ref
+    mpi.check_identical(comm, ref, state.iteration - 1, what="VBN reference batch")
+    set_vbn_reference(rt.policy, ref)  # build_policy checked that it has VBN layers
+
+
+def start(cfg: JobConfig, comm, env, policy, force: bool = False) -> tuple:
+    """Collective: (state, runtime, None) to train from, or (None, None, exit code) to stop."""
+    from .launch import EXIT_CONFIG_ERROR, EXIT_OK
+    from .resume import ResumeRefused, check_compatible, resume_or_start
+
+    is_root = comm.Get_rank() == 0
+    try:
+        state = resume_or_start(cfg, comm, force)
+        if state is not None and state.iteration >= cfg.run.iterations:
+            if is_root:
+                report_complete(cfg, state)
+            return None, None, EXIT_OK
+        rt = build_runtime(cfg, comm, env, policy)
+        state = initial_state(rt) if state is None else state
+        check_compatible(state, rt.policy.num_params)
+        prepare_vbn(cfg, comm, rt, state)
+    except ResumeRefused as exc:
+        if is_root:
+            print(f"es_mpi: cannot resume: {exc}", file=sys.stderr, flush=True)
+        return None, None, EXIT_CONFIG_ERROR
+    return state, rt, None
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def report_complete(cfg: JobConfig, state) -> None:
+    """Rank 0, run already complete: check results.h5 against the checkpoint's rows and
+    rebuild it (with a warning) if it is missing, unreadable or different."""
+    from .results import repair_results
+
+    repair_results(Path(cfg.run.dir) / "results.h5", state.iteration, state.results,
+                   cfg.to_yaml(), warn)
+    print(f"es_mpi: {cfg.run.dir} is already complete (iteration {state.iteration}, "
+          f"run.iterations={cfg.run.iterations}); nothing to do", flush=True)
+
+
+def open_results(cfg: JobConfig, state, comm, rt: Runtime):
+    """Rank 0: write config.yaml, open results.h5 with the rows before `state.iteration`
+    (taken from the resumed checkpoint; a damaged old results.h5 is set aside)."""
+    from .determinism import cpu_kernels
+    from .results import ResultsWriter
+
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    writer = ResultsWriter(run_dir / "results.h5", keep_rows=state.iteration,
+                           config_text=cfg.to_yaml(), warn=warn, rows=state.results)
+    print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
+          f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
+          f"{cfg.run.assignment} work assignment, run dir {run_dir}, CPU kernels "
+          f"{cpu_kernels()}", flush=True)
+    return writer
