@@ -194,7 +194,7 @@ class WorkCounter:
     a busy target (measured with MPICH 5: the first Lock on a rank-0 window busy in Python
     waited until rank 0's next MPI call; Lock_all + Flush answered in a few microseconds).
     Across nodes that relies on the network's remote atomics (InfiniBand, Slingshot, EFA
-    have them); see docs/performance.md.
+    have them); README.md, "Dynamic work assignment across nodes", says what to do where not.
 
     The counter is never reset: it only grows, and the caller subtracts its own base.
     """
