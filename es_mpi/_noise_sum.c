@@ -84,6 +84,21 @@ ALWAYS_INLINE void sum_blocks(double *out, const float *table, const int64_t *of
 
 typedef void (*sum_fn)(double *, const float *, const int64_t *, const double *, ptrdiff_t,
                        ptrdiff_t, ptrdiff_t, ptrdiff_t);
+typedef uint32_t (*read_fn)(const uint32_t *, ptrdiff_t);
+
+/* OR of all words: reads memory as fast as a core can, for the bound in bench/update.py. */
+ALWAYS_INLINE uint32_t or_words(const uint32_t *x, ptrdiff_t n)
+{
+    uint32_t s[4 * LINE] = {0}, r = 0;
+    ptrdiff_t i = 0;
+    for (; i + 4 * LINE <= n; i += 4 * LINE)
+        for (int l = 0; l < 4 * LINE; l++) s[l] |= x[i + l];
+    for (; i < n; i++) r |= x[i];
+    for (int l = 0; l < 4 * LINE; l++) r |= s[l];
+    return r;
+}
+
+static uint32_t read_baseline(const uint32_t *x, ptrdiff_t n) { return or_words(x, n); }
 
 static void sum_baseline(double *out, const float *table, const int64_t *off, const double *w,
                          ptrdiff_t n, ptrdiff_t lo, ptrdiff_t m, ptrdiff_t block)
@@ -102,9 +117,15 @@ __attribute__((target("avx2"))) static void sum_avx2(double *out, const float *t
 {
     sum_blocks(out, table, off, w, n, lo, m, block);
 }
+
+__attribute__((target("avx2"))) static uint32_t read_avx2(const uint32_t *x, ptrdiff_t n)
+{
+    return or_words(x, n);
+}
 #endif
 
 static sum_fn widest = sum_baseline;
+static read_fn widest_read = read_baseline;
 static const char *widest_name = "baseline";
 
 /* Get a C-contiguous 1-D buffer whose items have the struct format `fmt` (one of its chars). */
@@ -182,6 +203,18 @@ fail_table:
     return NULL;
 }
 
+static PyObject *stream_read(PyObject *self, PyObject *arg)
+{
+    Py_buffer x;
+    if (get_vector(arg, &x, "f", 4, 0, "table") < 0) return NULL;
+    uint32_t r;
+    Py_BEGIN_ALLOW_THREADS
+    r = widest_read(x.buf, x.shape[0]);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&x);
+    return PyLong_FromUnsignedLong(r);
+}
+
 PyDoc_STRVAR(weighted_sum_doc,
 "weighted_sum(out, table, offsets, weights, lo, block, simd=True)\n--\n\n"
 "out[i] = sum_j weights[j] * table[offsets[j] + lo + i] in float64, each i summed in order of\n"
@@ -192,6 +225,9 @@ PyDoc_STRVAR(weighted_sum_doc,
 static PyMethodDef methods[] = {
     {"weighted_sum", (PyCFunction)(void (*)(void))weighted_sum, METH_VARARGS | METH_KEYWORDS,
      weighted_sum_doc},
+    {"stream_read", stream_read, METH_O,
+     "stream_read(table) -> int: the OR of a float32 array's bits, read once at the speed of\n"
+     "memory: the read bandwidth that bounds the noise sum (bench/update.py)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_noise_sum",
@@ -204,6 +240,7 @@ PyMODINIT_FUNC PyInit__noise_sum(void)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2")) {
         widest = sum_avx2;
+        widest_read = read_avx2;
         widest_name = "avx2";
     }
 #endif
