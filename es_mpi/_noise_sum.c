@@ -128,14 +128,14 @@ static sum_fn widest = sum_baseline;
 static read_fn widest_read = read_baseline;
 static const char *widest_name = "baseline";
 
-/* Get a C-contiguous 1-D buffer whose items have the struct format `fmt` (one of its chars). */
+/* Get a C-contiguous 1-D buffer whose items have one of the struct formats in `fmts`. */
 static int get_vector(PyObject *obj, Py_buffer *view, const char *fmts, Py_ssize_t itemsize,
                       int writable, const char *name)
 {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) return -1;
     const char *f = view->format ? view->format : "B";
-    if (*f == '@' || *f == '=' || *f == '<') f++; /* native order (x86-64 and arm64: little) */
+    if (*f == '@' || *f == '=' || *f == (PY_LITTLE_ENDIAN ? '<' : '>')) f++; /* native order */
     if (view->ndim != 1 || view->itemsize != itemsize || strlen(f) != 1 || !strchr(fmts, *f)) {
         PyErr_Format(PyExc_TypeError, "%s must be a 1-D contiguous array of %s", name,
                      itemsize == 4 ? "float32" : (fmts[0] == 'd' ? "float64" : "int64"));

@@ -138,6 +138,7 @@ def test_numpy_fallback_when_the_kernel_is_missing():
     assert out.stdout.split() == ["numpy", "['numpy']", ref.tobytes().hex()[:64]]
     notice = out.stderr.strip().splitlines()
     assert len(notice) == 1 and "not built" in notice[0] and "NumPy" in notice[0], out.stderr
-    asked = subprocess.run([sys.executable, "-c", script.replace("0, 300)", "0, 300, None, 'kernel')")],
-                           capture_output=True, text=True, env=env)
+    ask_kernel = script.replace("0, 300)", "0, 300, None, 'kernel')")
+    asked = subprocess.run([sys.executable, "-c", ask_kernel], capture_output=True, text=True,
+                           env=env)
     assert asked.returncode != 0 and "'kernel' is not available" in asked.stderr, asked.stderr
