@@ -5,6 +5,7 @@ and theta - sigma*eps_j. All steps *ascend* the fitness.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,25 +71,64 @@ def fitness_weights(returns_pos: np.ndarray, returns_neg: np.ndarray, shaping: s
 
 
 # ----------------------------------------------------------------------------- gradient
-# Coordinates per block of the noise sum: the float64 accumulator and temporary (128 KiB each)
-# and the float32 table slices they read stay in a core's L2 cache while all N eps pass.
+# Coordinates per block of the NumPy noise sum: the float64 accumulator and temporary (128 KiB
+# each) and the float32 table slices they read stay in a core's L2 cache while all N eps pass.
 NOISE_SUM_BLOCK = 1 << 14
+# Coordinates per block of the compiled kernel: its float64 accumulator (256 KiB) stays in L2
+# while the eps stream past 8 at a time (bench/update.py measured 16K..64K).
+KERNEL_BLOCK = 1 << 15
 
 
 def weighted_noise_sum(table: np.ndarray, offsets: np.ndarray, weights: np.ndarray,
-                       lo: int, hi: int, block: int = NOISE_SUM_BLOCK) -> np.ndarray:
-    """sum_j w_j * eps_j[lo:hi] in float64, summed in order of j.
+                       lo: int, hi: int, block: int | None = None,
+                       kernel: str | None = None) -> np.ndarray:
+    """sum_j w_j * eps_j[lo:hi] in float64, summed in order of j; eps_j = table[off_j:][:dim].
 
-    Each coordinate is accumulated independently in the fixed order j = 0..N-1, so the bits of
-    g[lo:hi] do not depend on the range bounds, on the block size, on how many ranks there
-    are, or on who evaluated which j. A node can split [0, dim) into ranges and compute them
-    in parallel. The range is walked in cache-sized blocks of coordinates, all N eps per
-    block, so the accumulator is read from cache instead of memory for every eps.
+    Each coordinate is accumulated independently in the fixed order j = 0..N-1, each product
+    w_j * float64(x) rounded before its add, so the bits of g[lo:hi] do not depend on the range
+    bounds, on the block size, on how many ranks there are, on who evaluated which j, or on
+    which implementation ran. A node can split [0, dim) into ranges and compute them in
+    parallel. Zero weights are skipped. `kernel`: a key of NOISE_SUMS, None = the fastest
+    available (the compiled kernel for a float32 contiguous table); `block`: coordinates per
+    cache block, None = that implementation's own.
     """
+    offsets = np.asarray(offsets, dtype=np.int64).ravel()
+    weights = np.asarray(weights, dtype=np.float64).ravel()
+    _check_slices(table, offsets, weights, lo, hi)
+    keep = weights != 0.0
+    offsets, weights = np.ascontiguousarray(offsets[keep]), np.ascontiguousarray(weights[keep])
+    if kernel is None:
+        kernel = "numpy" if KERNEL_UNAVAILABLE or not _kernel_table(table) else "kernel"
+        if KERNEL_UNAVAILABLE:
+            _notice_fallback()
+    if kernel not in NOISE_SUMS:
+        raise ValueError(f"noise-sum kernel {kernel!r} is not available here "
+                         f"(available: {sorted(NOISE_SUMS)}; {KERNEL_UNAVAILABLE or 'all built'})")
+    return NOISE_SUMS[kernel](table, offsets, weights, lo, hi, block)
+
+
+def _check_slices(table: np.ndarray, offsets: np.ndarray, weights: np.ndarray, lo: int,
+                  hi: int) -> None:
+    if offsets.size != weights.size:
+        raise ValueError(f"{offsets.size} offsets but {weights.size} weights")
+    if not 0 <= lo <= hi:
+        raise ValueError(f"coordinate range [{lo}, {hi}) is not a range")
+    bad = np.flatnonzero((offsets < 0) | (offsets > len(table) - hi))
+    if hi > lo and bad.size:
+        j = int(bad[0])
+        raise ValueError(f"offset {offsets[j]} of eps {j}: coordinates [{lo}, {hi}) run outside "
+                         f"the noise table of {len(table)} values")
+
+
+def _numpy_noise_sum(table: np.ndarray, offsets: np.ndarray, weights: np.ndarray, lo: int,
+                     hi: int, block: int | None) -> np.ndarray:
+    """The reference: per cache block of coordinates, for each eps in order, NumPy multiplies
+    the slice into a float64 temporary (rounding each product) and adds it to the block."""
+    block = block or NOISE_SUM_BLOCK
     acc = np.zeros(hi - lo, dtype=np.float64)
     tmp = np.empty(min(block, hi - lo), dtype=np.float64)
     # np.float64 scalars: a bare Python float would make NumPy multiply in float32 (NEP 50)
-    terms = [(int(off), np.float64(w)) for off, w in zip(offsets, weights) if w != 0.0]
+    terms = [(int(off), np.float64(w)) for off, w in zip(offsets, weights)]
     for b0 in range(lo, hi, block):
         b1 = min(b0 + block, hi)
         a, t = acc[b0 - lo: b1 - lo], tmp[: b1 - b0]
@@ -96,6 +136,67 @@ def weighted_noise_sum(table: np.ndarray, offsets: np.ndarray, weights: np.ndarr
             np.multiply(table[off + b0: off + b1], w, out=t)
             a += t
     return acc
+
+
+def _c_noise_sum(table: np.ndarray, offsets: np.ndarray, weights: np.ndarray, lo: int, hi: int,
+                 block: int | None) -> np.ndarray:
+    """The same sum in es_mpi/_noise_sum.c: one fused loop, 8 eps per pass over a block."""
+    acc = np.empty(hi - lo, dtype=np.float64)
+    _noise_sum.weighted_sum(acc, table, offsets, weights, lo, block or KERNEL_BLOCK)
+    return acc
+
+
+def _kernel_table(table: np.ndarray) -> bool:
+    return isinstance(table, np.ndarray) and table.dtype == np.float32 and table.ndim == 1 \
+        and table.flags.c_contiguous
+
+
+def _kernel_same_bits(module) -> bool:
+    """Does the compiled kernel give NumPy's bits on a small random case, SIMD and baseline?
+    (A build that fused multiply-adds or reassociated would differ on almost every coordinate.)"""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal(512).astype(np.float32)
+    offsets, weights = rng.integers(0, 400, 37), rng.normal(size=37)
+    ref = _numpy_noise_sum(table, offsets, weights, 3, 100, 16)
+    for simd in (True, False):
+        acc = np.empty(97)
+        module.weighted_sum(acc, table, offsets, weights, 3, 16, simd)
+        if not np.array_equal(acc, ref):
+            return False
+    return True
+
+
+def _load_kernel():
+    """(the compiled module, "") if it is built and exact here, else (None, why not)."""
+    try:
+        from es_mpi import _noise_sum as module
+    except ImportError as e:
+        return None, f"the compiled noise-sum kernel is not built ({e})"
+    try:
+        exact = _kernel_same_bits(module)
+    except Exception as e:  # a kernel from another version of this file: do not break imports
+        return None, f"the compiled noise-sum kernel fails its check ({e!r}; rebuild it)"
+    if not exact:
+        return None, ("the compiled noise-sum kernel's bits differ from NumPy's "
+                      "(fused multiply-add?)")
+    return module, ""
+
+
+_noise_sum, KERNEL_UNAVAILABLE = _load_kernel()  # why the kernel cannot run, "" when it can
+# name -> (table, offsets, weights (no zeros), lo, hi, block or None) -> float64 sum, same bits
+NOISE_SUMS = {"numpy": _numpy_noise_sum} | ({"kernel": _c_noise_sum} if _noise_sum else {})
+# what weighted_noise_sum runs by default, for logs: "kernel (avx2)", or "numpy"
+NOISE_SUM_KERNEL = f"kernel ({_noise_sum.SIMD})" if _noise_sum else "numpy"
+_fallback_noticed = False
+
+
+def _notice_fallback() -> None:
+    """One line on stderr, once per process, when the NumPy form runs for want of the kernel."""
+    global _fallback_noticed
+    if not _fallback_noticed:
+        _fallback_noticed = True
+        sys.stderr.write(f"[es_mpi] {KERNEL_UNAVAILABLE}; the update's noise sum runs in NumPy "
+                         "(the same bits, about 7x slower; build it: pip install -e .)\n")
 
 
 def gradient_estimate(noise_sum: np.ndarray, n_pairs: int, sigma: float,
