@@ -186,6 +186,7 @@ def open_results(cfg: JobConfig, state, comm, rt: Runtime):
     """Rank 0: write config.yaml, open results.h5 with the rows before `state.iteration`
     (taken from the resumed checkpoint; a damaged old results.h5 is set aside)."""
     from .determinism import cpu_kernels
+    from .es import NOISE_SUM_KERNEL
     from .results import ResultsWriter
 
     run_dir = Path(cfg.run.dir)
@@ -195,6 +196,6 @@ def open_results(cfg: JobConfig, state, comm, rt: Runtime):
                            config_text=cfg.to_yaml(), warn=warn, rows=state.results)
     print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
           f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
-          f"{cfg.run.assignment} work assignment, run dir {run_dir}, CPU kernels "
-          f"{cpu_kernels()}", flush=True)
+          f"{cfg.run.assignment} work assignment, noise sum {NOISE_SUM_KERNEL}, run dir "
+          f"{run_dir}, CPU kernels {cpu_kernels()}", flush=True)
     return writer
