@@ -56,6 +56,11 @@ def gather_by_key(comm: MPI.Comm, rows: np.ndarray, n_keys: int | None = None) -
     return allrows
 
 
+def gather_objects(comm: MPI.Comm, obj, root: int = 0) -> list | None:
+    """Every rank's picklable `obj` on `root`, in rank order (None elsewhere)."""
+    return comm.gather(obj, root=root)
+
+
 def allreduce_sum(comm: MPI.Comm, array: np.ndarray) -> np.ndarray:
     """Element-wise sum over ranks (use for integers only: those sum exactly in any order)."""
     out = np.empty_like(array)
