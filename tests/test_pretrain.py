@@ -17,6 +17,8 @@ import pytest
 from mpi_helpers import REPO, child_env, mpirun, run_job
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+pytest.importorskip("minari", reason="pretraining needs Minari (Python >= 3.11): "
+                                      "pip install 'es_mpi[pretrain]'")
 
 PENDULUM_DT = ("es.population=4", "env.max_episode_steps=100", "es.eval_episodes=1",
                "run.iterations=2", "run.checkpoint_every=1")
