@@ -148,9 +148,9 @@ def record_episode(teacher: Teacher, env_seed: int, own_seed: int, max_steps: in
 
 def prepare(args, is_root: bool) -> Teacher:
     """The cheap checks and the teacher (every rank); rank 0 also checks --out is free."""
-    from .demos import DATA_DIR, _minari
+    from .demos import DATA_DIR, require_minari
 
-    _minari()
+    require_minari()
     if args.episodes < 1:
         raise ConfigError(f"--episodes: must be at least 1, got {args.episodes}")
     if args.noise < 0:

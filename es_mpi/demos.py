@@ -24,7 +24,7 @@ DATA_DIR = "data"  # Minari's layout: <dataset>/data/{metadata.json, main_data.h
 MINARI_HINT = "install it with: pip install 'es_mpi[pretrain]' (Minari needs Python >= 3.11)"
 
 
-def _minari():
+def require_minari():
     try:
         import minari
     except ImportError:
@@ -94,9 +94,9 @@ class DatasetWriter:
 
     def __init__(self, path: str | Path, observation_space: gym.Space,
                  action_space: gym.Space, env_spec=None, metadata: dict | None = None):
+        require_minari()
         from minari.dataset.minari_storage import MinariStorage
 
-        _minari()
         self.path = Path(path)
         if (self.path / DATA_DIR / "metadata.json").exists():
             raise ConfigError(f"--out: a dataset already exists at {self.path}; remove it or "
@@ -123,7 +123,7 @@ class DatasetWriter:
 def dataset_metadata(name: str, extra: dict) -> dict:
     """Minari's required keys (a dataset id needs a version: `<name>-v0` unless the folder's
     name has one) plus es_mpi's provenance under `es_mpi_*` keys (JSON strings)."""
-    minari, extra = _minari(), dict(extra)
+    minari, extra = require_minari(), dict(extra)
     dataset_id = name if "-v" in name and name.rsplit("-v", 1)[1].isdigit() else f"{name}-v0"
     meta = {"dataset_id": dataset_id, "minari_version": minari.__version__,
             "algorithm_name": extra.pop("algorithm_name", "es_mpi.collect"),
@@ -189,9 +189,9 @@ def find_dataset(spec: str) -> Path:
     for cand in (p / DATA_DIR, p):
         if (cand / "metadata.json").is_file():
             return cand
+    require_minari()
     from minari.storage.datasets_root_dir import get_dataset_path
 
-    _minari()
     local = Path(get_dataset_path(spec)) / DATA_DIR
     if (local / "metadata.json").is_file():
         return local
@@ -201,7 +201,7 @@ def find_dataset(spec: str) -> Path:
 
 def load_demos(spec: str) -> Demos:
     """Every episode of a Minari dataset, read with Minari's own API."""
-    minari = _minari()
+    minari = require_minari()
     data = find_dataset(spec)
     try:
         ds = minari.MinariDataset(data)

@@ -81,6 +81,8 @@ class FlatPolicy(nn.Module):
             yield self
         finally:
             self.requires_grad_(False)
+            for p in self.parameters():
+                p.grad = None
             self._theta_changed()
 
     def reset(self, target_return: float | None = None, seed: int | None = None) -> None:
