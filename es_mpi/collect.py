@@ -209,7 +209,7 @@ def collect(comm, args) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m es_mpi.collect",
-                                description=__doc__.splitlines()[0],
+                                description=" ".join(__doc__.splitlines()[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("teacher", help="es_mpi checkpoint or run directory; with --sb3 a model .zip")

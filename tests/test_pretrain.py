@@ -69,6 +69,15 @@ def test_pretrained_dt_reaches_nine_tenths_of_the_teacher(pendulum):
         assert f["obs_stats"].attrs["count"] > 50_000  # the dataset's statistics
 
 
+def test_an_mlp_regresses_on_the_same_dataset(pendulum, tmp_path):
+    proc = python("-m", "es_mpi.pretrain", "jobs/quickstart.yaml", "--data", str(pendulum["demos"]),
+                  "--steps", "600", "--eval-every", "600", "--eval-episodes", "2", "--threads",
+                  "1", "--out", str(tmp_path / "mlp.h5"))
+    assert "policy mlp with 1,249 parameters" in proc.stdout and "'batch_size': 256" in proc.stdout
+    ev = python("-m", "es_mpi.evaluate", str(tmp_path / "mlp.h5"), "--episodes", "3").stdout
+    assert mean_return(ev) >= 0.9 * pendulum["teacher"], proc.stdout
+
+
 def test_collected_dataset_loads_with_minaris_own_api(pendulum, monkeypatch):
     import minari
 
