@@ -161,12 +161,25 @@ def prepare(args, is_root: bool) -> Teacher:
     return build_teacher(args)
 
 
+def open_writer(args, teacher: Teacher, cap: int):
+    """Rank 0: the dataset at --out, with es_mpi's provenance in its metadata."""
+    import dataclasses
+
+    from .demos import DatasetWriter, space_summary
+
+    env = teacher.env
+    return DatasetWriter(args.out, env.observation_space, env.action_space, env.spec, metadata={
+        "env": dataclasses.asdict(teacher.env_cfg), "teacher": teacher.provenance,
+        "seed": args.seed, "max_steps": cap, "noise": args.noise,
+        "observation_space": space_summary(env.observation_space),
+        "action_space": space_summary(env.action_space)})
+
+
 def collect(comm, args) -> int:
     """All ranks: rounds of `size` episodes (episode i on rank i % size); rank 0 writes."""
     from tqdm import tqdm
 
     from . import comm as mpi
-    from .demos import DatasetWriter, space_summary
     from .run import agree
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -176,14 +189,7 @@ def collect(comm, args) -> int:
     cap = min(teacher.limit, args.max_steps or teacher.limit)
     writer, bar, returns, steps = None, None, [], 0
     if rank == 0:
-        import dataclasses
-        writer = DatasetWriter(args.out, teacher.env.observation_space,
-                               teacher.env.action_space, teacher.env.spec, metadata={
-                                   "env": dataclasses.asdict(teacher.env_cfg),
-                                   "teacher": teacher.provenance, "seed": args.seed,
-                                   "max_steps": cap, "noise": args.noise,
-                                   "observation_space": space_summary(teacher.env.observation_space),
-                                   "action_space": space_summary(teacher.env.action_space)})
+        writer = open_writer(args, teacher, cap)
         bar = tqdm(total=args.episodes, desc="episodes", unit="ep", file=sys.stderr)
     for first in range(0, args.episodes, size):
         i = first + rank
