@@ -447,11 +447,11 @@ def write_pretrained(path: Path, job: Job, curve: Curve, args) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     import os
 
+    families = "\n".join(f"  {k}: {dataclasses.asdict(v)}" for k, v in FAMILIES.items())
     p = argparse.ArgumentParser(prog="python -m es_mpi.pretrain",
-                                description=__doc__.splitlines()[0] + " " + __doc__.splitlines()[1],
+                                description=" ".join(__doc__.splitlines()[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="settings (--set) and their defaults per family:\n" + "\n".join(
-                                    f"  {k}: {dataclasses.asdict(v)}" for k, v in FAMILIES.items()))
+                                epilog="settings (--set) and their defaults per family:\n" + families)
     p.add_argument("job", help="job YAML whose policy to pretrain, e.g. jobs/humanoid_dt.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the job")
     p.add_argument("--data", required=True,
@@ -466,7 +466,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the windows and dropout masks")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default steps/10)")
     p.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation (0: none)")
-    p.add_argument("--eval-seed", type=int, default=0, help="evaluation episode i: seed EVAL_SEED+i")
+    p.add_argument("--eval-seed", type=int, default=0,
+                   help="evaluation episode i: seed EVAL_SEED+i")
     p.add_argument("--eval-max-steps", type=int, help="cap on evaluation episode length")
     p.add_argument("--heldout-fraction", type=float, default=0.05,
                    help="share of the episodes held out (at least one if there are two)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -184,9 +183,6 @@ def test_a_dataset_made_with_minaris_data_collector_pretrains(tmp_path):
     """Minari's own tools (DataCollector on a gymnasium env, a dataset id in the local store)."""
     pytest.importorskip("jax", reason="Minari's DataCollector needs jax: pip install "
                                       "'minari[create]' (in es_mpi's test extra)")
-    import gymnasium as gym
-    import minari
-
     env = child_env(MINARI_DATASETS_PATH=str(tmp_path / "store"))
     script = (
         "import gymnasium as gym, minari\n"
@@ -200,15 +196,14 @@ def test_a_dataset_made_with_minaris_data_collector_pretrains(tmp_path):
         "                   author='es_mpi tests', author_email='-', code_permalink='-',\n"
         "                   description='random actions')\n")
     python("-c", script, env=env, timeout=120)
-    proc = python("-m", "es_mpi.pretrain", "jobs/quickstart_dt.yaml", "--data", "pendulum/random-v0",
-                  "--steps", "20", "--set", "batch_size=8", "--eval-episodes", "1",
+    proc = python("-m", "es_mpi.pretrain", "jobs/quickstart_dt.yaml", "--data",
+                  "pendulum/random-v0", "--steps", "20", "--set", "batch_size=8", "--eval-episodes", "1",
                   "--eval-max-steps", "50", "--threads", "1", "--out", str(tmp_path / "dt.h5"),
                   env=env, timeout=120)
     assert "pendulum/random-v0: 4 episodes" in proc.stdout
     assert re.search(r"20 steps in [\d.]+ s", proc.stdout)
     with h5py.File(tmp_path / "dt.h5") as f:
         assert f["pretrain"].attrs["dataset"] == "pendulum/random-v0"
-    del gym, minari
 
 
 def test_a_stable_baselines3_teacher(tmp_path):
