@@ -119,12 +119,15 @@ def content_digest(f: h5py.File) -> str:
 
 
 def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
-                    rng: dict | None = None) -> Path:
+                    rng: dict | None = None, extra_group: tuple[str, dict, dict] | None = None
+                    ) -> Path:
     """Write to a temporary file, flush, fsync, then rename: never a half-written checkpoint.
 
     `rng` (optional) records how randomness is derived (seeds), for readers; resuming needs
     no generator state because every draw is a function of (run.seed, iteration, j).
     `state.results` must hold the results rows 0..iteration-1 (ValueError otherwise).
+    `extra_group` (name, datasets, attributes): one more group, covered by the checksum and
+    ignored by readers of checkpoints (es_mpi.pretrain's `pretrain/`).
     """
     if state.results is None:
         raise ValueError("save_checkpoint: state.results (the results rows) is required")
@@ -153,6 +156,10 @@ def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
         _write_members(f, "results", rows)
         _write_members(f, "rng", rng or {}, as_attrs=True)
         _write_members(f, "versions", library_versions(), as_attrs=True)
+        if extra_group is not None:
+            name, datasets, attrs = extra_group
+            _write_members(f, name, datasets)
+            f[name].attrs.update(attrs)
         f.attrs["checksum_algorithm"] = CHECKSUM_ALGORITHM
         f.attrs["checksum"] = content_digest(f)
         f.flush()

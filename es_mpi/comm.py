@@ -57,6 +57,11 @@ def allgather_floats(comm: MPI.Comm, value: float) -> np.ndarray:
     return out
 
 
+def gather_objects(comm: MPI.Comm, obj, root: int = 0) -> list | None:
+    """Every rank's picklable `obj` on `root`, in rank order (None elsewhere)."""
+    return comm.gather(obj, root=root)
+
+
 def allreduce_sum(comm: MPI.Comm, array: np.ndarray) -> np.ndarray:
     """Element-wise sum over ranks (use for integers only: those sum exactly in any order)."""
     out = np.empty_like(array)

@@ -127,6 +127,11 @@ class RunConfig:
     # (MPI_Fetch_and_op), shrinking as the pool empties, evaluation episodes first; static = a
     # fixed block of pairs per rank. Both give the same bits (results are keyed by episode)
     assignment: Literal["dynamic", "static"] = "dynamic"
+    # start from this file's theta and observation statistics instead of a fresh policy: a
+    # pretrained policy (es_mpi.pretrain), a checkpoint, or a run directory (its newest
+    # checkpoint); its policy must match this job's. A resumed run ignores it (the checkpoint
+    # wins); null = a fresh policy from run.seed
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -190,6 +195,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "run.keep_checkpoints": (lambda v: v > 0, "a positive integer"),
     "run.verify_every": (lambda v: v >= 0, "an integer >= 0 (0 = never)"),
     "run.torch_threads": (lambda v: v > 0, "a positive integer"),
+    "run.init_from": (lambda v: v is None or v.strip() != "", "a file path or null"),
 }
 
 

@@ -8,6 +8,7 @@ with SIGKILL) can be inspected; a damaged file is named on stderr within a secon
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import glob
 import os
@@ -155,12 +156,20 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
         what = " ".join(str(c[k]) for k in ("env.id", "policy.kind") if k in c) or "runs"
         return {f"{what}, {len(members)} seed{'s' if len(members) > 1 else ''}": members}
     dicts = [dict(k) for k in keyed]
-    varying = sorted({k for d in dicts for k in d if len({d2.get(k) for d2 in dicts}) > 1})
+    varying = sorted({k for d in dicts for k in d if len({d2.get(k) for d2 in dicts}) > 1},
+                     key=lambda k: (k != "run.init_from", k))  # pretrained vs scratch first
     out = {}
     for d, members in zip(dicts, keyed.values()):
-        label = ", ".join(f"{k}={d.get(k, '-')}" for k in varying[:3]) or members[0].name
+        label = ", ".join(_setting(k, d.get(k, "-")) for k in varying[:3]) or members[0].name
         out[f"{label} ({len(members)})"] = members
     return out
+
+
+def _setting(key: str, value: str) -> str:
+    """How a differing key reads in a legend (values are repr()s of the config's)."""
+    if key == "run.init_from":  # the paper's comparison: from scratch vs pretrained
+        return "from scratch" if value == "None" else f"from {Path(ast.literal_eval(value)).name}"
+    return f"{key}={value}"
 
 
 def stacked(runs: list[Run], column: str) -> tuple[np.ndarray, np.ndarray]:

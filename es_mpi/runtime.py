@@ -67,6 +67,8 @@ def build_policy(cfg: JobConfig, env):
         from .policies.vbn import uses_vbn
         if not uses_vbn(policy):
             raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")
+    from .init_from import check_init_from
+    check_init_from(cfg, env, policy)  # run.init_from loads and fits (ConfigError otherwise)
     return policy
 
 
@@ -110,14 +112,18 @@ def build_runtime(cfg: JobConfig, comm, env=None, policy=None) -> Runtime:
                    ASSIGNMENTS[cfg.run.assignment](comm), node_sum)
 
 
-def initial_state(rt: Runtime):
-    """Iteration 0: the policy's initial theta (a function of run.seed), zero optimiser state,
-    empty observation statistics."""
+def initial_state(rt: Runtime, cfg: JobConfig | None = None):
+    """Iteration 0: the policy's initial theta (a function of run.seed) and empty observation
+    statistics, or run.init_from's theta and statistics (a pretrained policy); zero optimiser
+    state."""
     from .checkpoint import TrainState
     from .es import ObsStats, OptimizerState
 
-    theta = rt.policy.get_theta()
-    return TrainState(0, theta, OptimizerState.zeros(theta.size), ObsStats.empty(rt.obs_shape),
+    theta, stats = rt.policy.get_theta(), ObsStats.empty(rt.obs_shape)
+    if cfg is not None and cfg.run.init_from is not None:
+        from .init_from import load_initial
+        theta, stats = load_initial(cfg, rt.env, rt.policy)
+    return TrainState(0, theta, OptimizerState.zeros(theta.size), stats,
                       prev_lengths=np.zeros(0, dtype=np.int64))
 
 
@@ -157,7 +163,7 @@ def start(cfg: JobConfig, comm, env, policy, force: bool = False) -> tuple:
                 report_complete(cfg, state)
             return None, None, EXIT_OK
         rt = build_runtime(cfg, comm, env, policy)
-        state = initial_state(rt) if state is None else state
+        state = initial_state(rt, cfg) if state is None else state
         check_compatible(state, rt.policy.num_params)
         prepare_vbn(cfg, comm, rt, state)
     except ResumeRefused as exc:

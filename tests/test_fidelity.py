@@ -43,6 +43,12 @@ REFERENCES = {
                     "policy.max_ep_len": 1000, "policy.rtg_scale": 0.001,
                     "policy.action_mapping": "tanh", "policy.dropout": 0.1,
                     "policy.scaled_residual_init": False},
+    "humanoid_dt_half_population": {
+        **LORENC_ES, "es.population": 10000, "run.iterations": 200, "env.id": "Humanoid-v4",
+        "policy.kind": "dt", "policy.context": 20, "policy.n_embd": 128, "policy.n_layer": 3,
+        "policy.n_head": 1, "policy.max_ep_len": 1000, "policy.rtg_scale": 0.001,
+        "policy.action_mapping": "tanh", "policy.dropout": 0.1,
+        "policy.scaled_residual_init": False},
     "atari_hero": LORENC_HERO,
     "atari_hero_no_norm": {**LORENC_HERO, "env.normalize_obs": False},
     "humanoid_openai": {
@@ -120,3 +126,18 @@ def test_episode_seeds_depend_on_seed_iteration_pair_and_sign_only():
     assert noise.episode_seed(1, 2, 0, 3, 1) == noise.episode_seed(1, 2, 0, 3, 1)
     assert noise.episode_seed(1, 2, noise.EVAL_EPISODE, 3, 0) != noise.episode_seed(1, 2, 0, 3, 0)
     assert 0 <= noise.episode_seed(5, 0, 0, 0, 0) < 2**63
+
+
+# pretraining jobs: the paper job, started from a pretrained file with a smaller lr and sigma
+PRETRAINED = {"humanoid_dt_pretrained": "humanoid_dt", "atari_hero_pretrained": "atari_hero"}
+FINETUNE_KEYS = {"es.lr": 0.01, "es.sigma": 0.005}
+
+
+@pytest.mark.parametrize("job", sorted(PRETRAINED))
+def test_pretrained_jobs_are_their_paper_job_but_lr_sigma_and_init(job):
+    cfg = flatten(load_job(REPO / "jobs" / f"{job}.yaml").to_dict())
+    base = flatten(load_job(REPO / "jobs" / f"{PRETRAINED[job]}.yaml").to_dict())
+    differ = {k for k in cfg if cfg[k] != base[k]}
+    assert differ == {"es.lr", "es.sigma", "run.dir", "run.init_from"}, differ
+    assert {k: cfg[k] for k in FINETUNE_KEYS} == FINETUNE_KEYS
+    assert cfg["run.init_from"].startswith("pretrained/")

@@ -6,6 +6,9 @@ that memory, with no per-layer copies.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import gymnasium as gym
 import numpy as np
 import torch
@@ -65,6 +68,23 @@ class FlatPolicy(nn.Module):
         self._flat_np += theta
         self._theta_changed()
 
+    @contextmanager
+    def trainable(self) -> Iterator["FlatPolicy"]:
+        """Gradients on, for behaviour cloning (es_mpi.pretrain); ES never needs them.
+
+        The parameters stay views of the flat vector: an optimiser's in-place steps write
+        into it, so `get_theta()` is the trained theta. Caches built from theta (packed DT
+        weights, VBN statistics) are dropped on exit.
+        """
+        self.requires_grad_(True)
+        try:
+            yield self
+        finally:
+            self.requires_grad_(False)
+            for p in self.parameters():
+                p.grad = None
+            self._theta_changed()
+
     def reset(self, target_return: float | None = None, seed: int | None = None) -> None:
         if seed is not None:
             self.generator.manual_seed(int(seed))
@@ -103,6 +123,15 @@ class ActionHead:
             raise ValueError(f"unsupported action space {action_space}")
         if mapping not in ("tanh", "bounds", "linear") or discrete not in ("argmax", "sample"):
             raise ValueError(f"unknown action mapping {mapping!r} / {discrete!r}")
+
+    def continuous(self, out: torch.Tensor) -> torch.Tensor:
+        """Box actions: the mapping of `__call__` as a differentiable torch function of the
+        raw outputs (..., act), for behaviour cloning."""
+        if self.mapping == "linear":
+            return out
+        if self.mapping == "bounds":
+            return torch.from_numpy(self.mid) + torch.from_numpy(self.half) * torch.tanh(out)
+        return torch.tanh(out)
 
     def __call__(self, out: torch.Tensor, generator: torch.Generator | None = None):
         """out: (act,) raw outputs -> int (discrete) or float32 (act,) array."""

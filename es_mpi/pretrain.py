@@ -1,0 +1,504 @@
+"""`python -m es_mpi.pretrain JOB.yaml --data DATASET --steps N --out FILE.h5`: behaviour
+cloning of the job's policy on a Minari dataset, for ES fine-tuning with run.init_from.
+
+Decision Transformers train as Chen et al. 2021 do: random K-step windows of the dataset's
+episodes with their returns-to-go (scaled by policy.rtg_scale), the dataset's actions as the
+action tokens, MSE between the mapped action output and the action for Box actions,
+cross-entropy for Discrete ones, AdamW with a linear warm-up. MLP and CNN policies regress
+the action on the observation. The defaults per policy family are the references' settings
+(FAMILIES; `--set key=value` changes one). Observations are normalised with the dataset's
+statistics (`--obs-stats dataset`), which the output file carries: ES fine-tuning and
+es_mpi.evaluate then normalise the same way (`--obs-stats none`: unnormalised, Lorenc &
+Neruda's pretraining). The output is a checkpoint-format HDF5 file (theta, observation
+statistics, the job's config) plus a `pretrain/` group: loss curve, held-out loss,
+evaluation returns, the dataset's spaces. One process; torch uses --threads threads.
+"""
+from __future__ import annotations
+
+from .determinism import pin_cpu_kernels
+
+pin_cpu_kernels()  # the kernels ES fine-tuning and evaluate will use
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Literal  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .config import ConfigError, JobConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class BCSettings:
+    """Behaviour-cloning hyperparameters (defaults per policy family: FAMILIES)."""
+
+    batch_size: int  # windows (DT) or steps (MLP/CNN) per gradient step
+    lr: float  # AdamW peak learning rate
+    weight_decay: float  # AdamW decoupled weight decay
+    decay_matrices_only: bool  # decay only Linear/Conv weights (mingpt), else every parameter
+    beta1: float  # AdamW betas
+    beta2: float
+    warmup_steps: int  # linear warm-up of the learning rate over this many steps
+    cosine_steps: int  # after warm-up: cosine decay to 10% over this many steps; 0 = constant
+    grad_clip: float  # clip the gradient's global L2 norm to this
+    full_windows: bool  # DT: windows lie inside an episode (Chen's Atari) or may run past its end
+    window_time: Literal["first", "last"]  # image DT: global position = first or last timestep
+
+
+# policy family -> the reference's settings
+FAMILIES: dict[str, BCSettings] = {
+    # Lorenc's supervised_pretraining/train_mujoco.py (Chen et al.'s gym trainer): AdamW 1e-4,
+    # weight decay 1e-4 on all parameters, warm-up 10,000 steps, batch 128, clip 0.25
+    "dt": BCSettings(128, 1e-4, 1e-4, False, 0.9, 0.999, 10_000, 0, 0.25, False, "last"),
+    # Lorenc's train_atari.py / trainer_atari.py (Chen et al.'s mingpt trainer): AdamW 6e-4,
+    # betas (0.9, 0.95), decay 0.1 on matrices, warm-up 512,000 tokens = 133 steps of 128x30
+    # actions, cosine to 10% at 2*5e5*128*30*3 tokens = 3,000,000 steps, clip 1.0
+    "dt_atari": BCSettings(128, 6e-4, 0.1, True, 0.9, 0.95, 133, 3_000_000, 1.0, True, "first"),
+    # no reference: plain regression of the action on the observation
+    "feedforward": BCSettings(256, 1e-3, 1e-4, False, 0.9, 0.999, 100, 0, 1.0, False, "last"),
+}
+
+
+def family_of(policy) -> str:
+    from .policies.dt import DTPolicy
+
+    if isinstance(policy, DTPolicy):
+        return "dt" if policy.model.position_free else "dt_atari"
+    return "feedforward"
+
+
+def override_settings(settings: BCSettings, items: list[str]) -> BCSettings:
+    """`--set key=value` (YAML values) on top of a family's defaults; ConfigError if bad."""
+    import yaml
+
+    names = {f.name: f for f in dataclasses.fields(BCSettings)}
+    changes = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        if key not in names:
+            raise ConfigError(f"--set: unknown setting {key!r}; settings: {', '.join(names)}")
+        value = yaml.safe_load(raw)
+        want = type(getattr(settings, key))
+        if want is float and not isinstance(value, bool):
+            try:  # YAML reads 1e-3 as a string, 3 as an int
+                value = float(value)
+            except (TypeError, ValueError):
+                pass
+        if not isinstance(value, want):
+            raise ConfigError(f"--set {key}: expected {want.__name__}, got {raw!r}")
+        changes[key] = value
+    return dataclasses.replace(settings, **changes)
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Corpus:
+    """A dataset ready for batching: episodes split into training and held-out ones."""
+
+    obs: np.ndarray  # (S, *obs) raw observations
+    actions: np.ndarray  # (S, *act) float32 or (S,) int64
+    rtg: np.ndarray  # (S,) float32 returns-to-go times policy.rtg_scale
+    timesteps: np.ndarray  # (S,) int64 step within its episode
+    train: tuple[np.ndarray, np.ndarray]  # (starts, lengths) of the training episodes
+    heldout: tuple[np.ndarray, np.ndarray]  # (starts, lengths) of the held-out episodes
+    normalize: Callable[[np.ndarray], np.ndarray]  # raw -> policy input (float32)
+
+
+def make_corpus(demos, cfg: JobConfig, normalize, heldout_fraction: float) -> Corpus:
+    """Steps of every episode; the last round(fraction * E) episodes (at least one when
+    there are two or more) are held out."""
+    n_held = 0 if demos.episodes < 2 else max(1, round(heldout_fraction * demos.episodes))
+    cut = demos.episodes - n_held
+    timesteps = np.arange(demos.steps) - np.repeat(demos.starts, demos.lengths)
+    rtg = (demos.returns_to_go() * cfg.policy.rtg_scale).astype(np.float32)
+    return Corpus(demos.observations, demos.actions, rtg, timesteps.astype(np.int64),
+                  (demos.starts[:cut], demos.lengths[:cut]),
+                  (demos.starts[cut:], demos.lengths[cut:]), normalize)
+
+
+def sample_windows(rng: np.random.Generator, episodes: tuple, batch: int, k: int,
+                   full: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (B, k), mask (B, k)): windows of k steps, each starting at a step drawn
+    uniformly from all steps (Chen et al.: an episode with probability proportional to its
+    length, then a uniform start in it). `full`: a start too close to the end moves back so
+    the window fits (Chen's Atari). A window cut by its episode's end repeats its last row,
+    masked: behind every real token, so causal attention never sees it."""
+    starts, lengths = episodes
+    ep = rng.choice(len(starts), size=batch, p=lengths / lengths.sum())
+    off = np.floor(rng.random(batch) * lengths[ep]).astype(np.int64)
+    if full:
+        off = np.maximum(np.minimum(off, lengths[ep] - k), 0)
+    n = np.minimum(k, lengths[ep] - off)
+    pos = np.arange(k)[None, :]
+    return starts[ep, None] + off[:, None] + np.minimum(pos, n[:, None] - 1), pos < n[:, None]
+
+
+def sample_steps(rng: np.random.Generator, episodes: tuple, batch: int) -> np.ndarray:
+    """(B, 1) rows drawn uniformly from the episodes' steps (MLP/CNN)."""
+    starts, lengths = episodes
+    ep = rng.choice(len(starts), size=batch, p=lengths / lengths.sum())
+    return (starts[ep] + np.floor(rng.random(batch) * lengths[ep]).astype(np.int64))[:, None]
+
+
+def dataset_stats(demos, normalized: bool):
+    """The observation statistics the policy will normalise with: the dataset's (every step,
+    on top of es_mpi's pseudo-count), or none (mean 0, std 1: raw inputs)."""
+    from .es import ObsStats
+
+    shape = demos.observations.shape[1:]
+    stats = ObsStats.empty(shape)
+    if normalized:
+        acc = np.int64 if np.issubdtype(demos.observations.dtype, np.integer) else np.float64
+        stats.add(demos.observations.sum(axis=0, dtype=acc).astype(np.float64),
+                  np.square(demos.observations, dtype=acc).sum(axis=0).astype(np.float64),
+                  float(demos.steps))
+    return stats
+
+
+# ----------------------------------------------------------------------------- the loss
+def _input(x: np.ndarray):
+    """Policy input: uint8 frames as they are (image encoders scale them), else float32."""
+    import torch
+
+    return torch.from_numpy(x if x.dtype == np.uint8 else np.ascontiguousarray(x, np.float32))
+
+
+def draw_batch(rng, corpus: Corpus, episodes: tuple, settings: BCSettings, policy, dt: bool):
+    """(rows, mask): windows of policy.context steps for a DT, single steps otherwise."""
+    if dt:
+        return sample_windows(rng, episodes, settings.batch_size, policy.context,
+                              settings.full_windows)
+    rows = sample_steps(rng, episodes, settings.batch_size)
+    return rows, np.ones(rows.shape, dtype=bool)
+
+
+def forward(policy, corpus: Corpus, rows: np.ndarray, settings: BCSettings, dt: bool,
+            generator):
+    """Raw action outputs (B, k, act) at the rows: the DT's full-sequence forward (returns,
+    states, actions, timesteps; dropout masks from `generator`), or the MLP/CNN per step."""
+    import torch
+
+    states = _input(corpus.normalize(corpus.obs[rows]))
+    if not dt:
+        return policy(states.reshape(-1, *states.shape[2:]))[:, None]
+    t = corpus.timesteps[rows]
+    if settings.window_time == "first":  # the image DT reads the global position at t[:, -1]
+        t = np.repeat(t[:, :1], t.shape[1], axis=1)
+    return policy.model(torch.from_numpy(corpus.rtg[rows]), states,
+                        torch.from_numpy(corpus.actions[rows]), torch.from_numpy(t),
+                        generator=generator)
+
+
+def action_loss(policy, raw, target: np.ndarray, mask: np.ndarray):
+    """Mean over the real positions: MSE between the mapped Box action (the ActionHead's
+    tanh / bounds / linear, differentiable) and the target, or cross-entropy of the logits."""
+    import torch
+    import torch.nn.functional as F
+
+    m = torch.from_numpy(mask.astype(np.float32)).reshape(-1)
+    if policy.head.discrete:
+        ce = F.cross_entropy(raw.reshape(-1, raw.shape[-1]), torch.from_numpy(target).reshape(-1),
+                             reduction="none")
+        return (ce * m).sum() / m.sum()
+    pred = policy.head.continuous(raw).reshape(m.shape[0], -1)
+    err = (pred - torch.from_numpy(target).reshape(m.shape[0], -1)).square().mean(-1)
+    return (err * m).sum() / m.sum()
+
+
+def batch_loss(policy, corpus, batch, settings, dt, generator):
+    rows, mask = batch
+    raw = forward(policy, corpus, rows, settings, dt, generator)
+    return action_loss(policy, raw, corpus.actions[rows], mask)
+
+
+# ----------------------------------------------------------------------------- optimiser
+def make_optimizer(policy, settings: BCSettings):
+    """AdamW; with decay_matrices_only the weights of Linear and Conv layers decay and
+    biases, norms, embeddings and position tables do not (mingpt's configure_optimizers)."""
+    import torch
+    from torch import nn
+
+    decay, rest = [], []
+    for module in policy.modules():
+        for name, p in module.named_parameters(recurse=False):
+            matrix = name == "weight" and isinstance(module, (nn.Linear, nn.Conv2d))
+            (decay if matrix or not settings.decay_matrices_only else rest).append(p)
+    groups = [{"params": decay, "weight_decay": settings.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, settings))
+    return opt, sched
+
+
+def lr_factor(step: int, settings: BCSettings) -> float:
+    """Linear warm-up to 1 (the references' (step+1)/warmup), then constant or a cosine
+    decay to 0.1 over cosine_steps."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    if settings.cosine_steps <= 0:
+        return 1.0
+    progress = (step - settings.warmup_steps) / settings.cosine_steps
+    return max(0.1, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class Curve:
+    """What the run measured; written to the output's `pretrain/` group."""
+
+    step: list = field(default_factory=list)  # last step of each logged interval
+    loss: list = field(default_factory=list)  # mean training loss over the interval
+    eval_step: list = field(default_factory=list)  # steps done at each evaluation
+    heldout_loss: list = field(default_factory=list)  # loss on the held-out episodes
+    eval_return: list = field(default_factory=list)  # mean return of the policy (NaN: none)
+    train_seconds: float = 0.0  # time in gradient steps (evaluations excluded)
+
+
+@dataclass
+class Job:
+    """Everything one pretraining run needs, built once (`setup`)."""
+
+    cfg: JobConfig
+    env: object
+    policy: object
+    corpus: Corpus
+    stats: object  # es.ObsStats the policy normalises with
+    settings: BCSettings
+    dt: bool  # a Decision Transformer (windows) or an MLP/CNN (single steps)
+    demos: object  # demos.Demos
+
+
+def heldout_loss(job: Job, batches: list, seed: int) -> float:
+    import torch
+
+    if not batches:
+        return float("nan")
+    gen = torch.Generator().manual_seed(seed)  # the same dropout masks at every evaluation
+    with torch.no_grad():
+        return float(np.mean([batch_loss(job.policy, job.corpus, b, job.settings, job.dt, gen)
+                              .item() for b in batches]))
+
+
+def evaluate(job: Job, episodes: int, seed: int, max_steps: int | None) -> float:
+    """Mean return over `episodes` episodes, as es_mpi.evaluate --seed SEED runs them."""
+    from .envs import episode_limit
+    from .rollout import make_normalizer, run_episode
+
+    if episodes == 0:
+        return float("nan")
+    norm = make_normalizer(job.cfg.env, job.stats)
+    cap = min(episode_limit(job.env), max_steps or episode_limit(job.env))
+    return float(np.mean([run_episode(job.env, job.policy, seed + i, cap, norm,
+                                      episode_seed=seed + i).ret for i in range(episodes)]))
+
+
+def train(job: Job, args) -> Curve:
+    """args.steps AdamW steps in chunks of --eval-every, each followed by the held-out loss
+    and an evaluation; a progress bar shows the loss."""
+    import torch
+    from tqdm import tqdm
+
+    rng = np.random.default_rng([args.seed, 0xBC])
+    gen = torch.Generator().manual_seed(args.seed)
+    held = [draw_batch(np.random.default_rng([args.seed, 0x4E1D, i]), job.corpus,
+                       job.corpus.heldout, job.settings, job.policy, job.dt)
+            for i in range(args.heldout_batches)] if len(job.corpus.heldout[0]) else []
+    opt, sched = make_optimizer(job.policy, job.settings)
+    curve, log_every = Curve(), max(1, args.steps // 200)
+    bar = tqdm(total=args.steps, desc="pretrain", unit="step", file=sys.stderr)
+    done, window = 0, []
+    while done < args.steps:
+        chunk = min(args.eval_every, args.steps - done)
+        t0 = time.perf_counter()
+        with job.policy.trainable():
+            for _ in range(chunk):
+                batch = draw_batch(rng, job.corpus, job.corpus.train, job.settings, job.policy,
+                                   job.dt)
+                window.append(gradient_step(job, batch, gen, opt, sched))
+                done += 1
+                if done % log_every == 0 or done == args.steps:
+                    curve.step.append(done)
+                    curve.loss.append(float(np.mean(window)))
+                    bar.set_postfix(loss=f"{curve.loss[-1]:.4g}", refresh=False)
+                    window = []
+                bar.update(1)
+        curve.train_seconds += time.perf_counter() - t0
+        curve.eval_step.append(done)
+        curve.heldout_loss.append(heldout_loss(job, held, args.seed))
+        curve.eval_return.append(evaluate(job, args.eval_episodes, args.eval_seed,
+                                          args.eval_max_steps))
+        bar.set_postfix(loss=f"{curve.loss[-1]:.4g}", heldout=f"{curve.heldout_loss[-1]:.4g}",
+                        eval=f"{curve.eval_return[-1]:.1f}")
+    bar.close()
+    return curve
+
+
+def gradient_step(job: Job, batch, gen, opt, sched) -> float:
+    import torch
+
+    loss = batch_loss(job.policy, job.corpus, batch, job.settings, job.dt, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(job.policy.parameters(), job.settings.grad_clip)
+    opt.step()
+    sched.step()
+    return float(loss.item())
+
+
+# ----------------------------------------------------------------------------- set-up
+def check_dataset(demos, env, cfg: JobConfig) -> None:
+    """The dataset's spaces must be the job's (ConfigError); a dataset collected by es_mpi in
+    another environment setting (id, frame pipeline) gets a warning."""
+    from .demos import space_mismatch, space_summary
+    from .init_from import MUST_MATCH
+
+    for what, have, want in (("observation", demos.observation_space, env.observation_space),
+                             ("action", demos.action_space, env.action_space)):
+        msg = space_mismatch(f"--data {demos.source}: its {what}", space_summary(have),
+                             space_summary(want))
+        if msg:
+            raise ConfigError(msg)
+    recorded = demos.es_mpi_meta("env") or {}
+    job_env = dataclasses.asdict(cfg.env)
+    differ = [f"env.{k[4:]}: {recorded[k[4:]]!r} in the dataset, {job_env[k[4:]]!r} in the job"
+              for k in MUST_MATCH if k.startswith("env.") and k[4:] in recorded
+              and recorded[k[4:]] != job_env[k[4:]]]
+    if differ:
+        print("es_mpi.pretrain: WARNING: the dataset was collected in another environment "
+              "setting:\n  " + "\n  ".join(differ), file=sys.stderr, flush=True)
+
+
+def setup(args) -> Job:
+    """Job, environment, policy (its initial theta from run.seed), dataset: ConfigError on
+    bad input, before any training."""
+    import torch
+
+    from .config import load_job
+    from .demos import load_demos
+    from .envs import make_env
+    from .policies import make_policy
+    from .rollout import make_normalizer
+
+    torch.set_num_threads(args.threads)
+    cfg = load_job(args.job, args.overrides)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, init_from=None))
+    if cfg.policy.vbn:
+        raise ConfigError("policy.vbn: pretraining a policy with virtual batch norm is not "
+                          "supported (its statistics come from ES's reference batch)")
+    if args.steps < 1:
+        raise ConfigError(f"--steps: must be at least 1, got {args.steps}")
+    demos = load_demos(args.data)
+    env = make_env(cfg.env)
+    check_dataset(demos, env, cfg)
+    try:
+        policy = make_policy(cfg.policy, env.observation_space, env.action_space, cfg.run.seed,
+                             obs_normalized=cfg.env.normalize_obs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    stats = dataset_stats(demos, cfg.env.normalize_obs and args.obs_stats == "dataset")
+    family = family_of(policy)
+    settings = override_settings(FAMILIES[family], args.set)
+    corpus = make_corpus(demos, cfg, make_normalizer(cfg.env, stats), args.heldout_fraction)
+    return Job(cfg, env, policy, corpus, stats, settings, family != "feedforward", demos)
+
+
+# ----------------------------------------------------------------------------- output
+def write_pretrained(path: Path, job: Job, curve: Curve, args) -> Path:
+    """A checkpoint-format file (iteration 0, fresh optimiser) that es_mpi.evaluate reads and
+    run.init_from starts from, with the `pretrain/` group (docs/results-format.md)."""
+    from .checkpoint import TrainState, save_checkpoint
+    from .demos import space_summary
+    from .es import OptimizerState
+    from .results import COLUMNS
+
+    theta = job.policy.get_theta()
+    state = TrainState(0, theta, OptimizerState.zeros(theta.size), job.stats,
+                       prev_lengths=np.zeros(0, dtype=np.int64),
+                       results={k: np.zeros(0, dtype=d) for k, (d, _, _) in COLUMNS.items()})
+    datasets = {"step": np.array(curve.step, dtype=np.int64),
+                "loss": np.array(curve.loss, dtype=np.float64),
+                "eval_step": np.array(curve.eval_step, dtype=np.int64),
+                "heldout_loss": np.array(curve.heldout_loss, dtype=np.float64),
+                "eval_return": np.array(curve.eval_return, dtype=np.float64)}
+    attrs = {"dataset": str(job.demos.source), "dataset_episodes": np.int64(job.demos.episodes),
+             "dataset_steps": np.int64(job.demos.steps),
+             "dataset_return_mean": float(np.mean(job.demos.episode_returns())),
+             "heldout_episodes": np.int64(len(job.corpus.heldout[0])),
+             "steps": np.int64(args.steps), "seed": np.int64(args.seed),
+             "obs_stats": args.obs_stats, "eval_episodes": np.int64(args.eval_episodes),
+             "eval_seed": np.int64(args.eval_seed), "train_seconds": float(curve.train_seconds),
+             "settings": json.dumps(dataclasses.asdict(job.settings)),
+             "observation_space": json.dumps(space_summary(job.env.observation_space)),
+             "action_space": json.dumps(space_summary(job.env.action_space))}
+    rng = {"scheme": "initial theta: torch.manual_seed(run.seed); training windows: "
+                     "default_rng([seed, 0xBC]); dropout masks: torch.Generator(seed)",
+           "run_seed": np.int64(job.cfg.run.seed), "seed": np.int64(args.seed)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(path, state, job.cfg.to_yaml(), rng,
+                           extra_group=("pretrain", datasets, attrs))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    import os
+
+    families = "\n".join(f"  {k}: {dataclasses.asdict(v)}" for k, v in FAMILIES.items())
+    p = argparse.ArgumentParser(prog="python -m es_mpi.pretrain",
+                                description=" ".join(__doc__.splitlines()[:2]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="settings (--set) and their defaults per family:\n" + families)
+    p.add_argument("job", help="job YAML whose policy to pretrain, e.g. jobs/humanoid_dt.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the job")
+    p.add_argument("--data", required=True,
+                   help="Minari dataset: its folder, its data/ folder, or a local dataset id")
+    p.add_argument("--steps", type=int, required=True, help="gradient steps")
+    p.add_argument("--out", required=True, help="output .h5 (for run.init_from / evaluate)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one training setting (see below), e.g. --set lr=3e-4")
+    p.add_argument("--obs-stats", choices=("dataset", "none"), default="dataset",
+                   help="normalise observations with the dataset's statistics (default) or "
+                        "not at all (Lorenc & Neruda); ignored unless env.normalize_obs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows and dropout masks")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default steps/10)")
+    p.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation (0: none)")
+    p.add_argument("--eval-seed", type=int, default=0,
+                   help="evaluation episode i: seed EVAL_SEED+i")
+    p.add_argument("--eval-max-steps", type=int, help="cap on evaluation episode length")
+    p.add_argument("--heldout-fraction", type=float, default=0.05,
+                   help="share of the episodes held out (at least one if there are two)")
+    p.add_argument("--heldout-batches", type=int, default=4, help="batches of held-out loss")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    args = p.parse_args(argv)
+    args.eval_every = args.eval_every or max(1, args.steps // 10)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        job = setup(args)
+    except ConfigError as exc:
+        print(f"es_mpi.pretrain: configuration error: {exc}", file=sys.stderr)
+        return 2
+    d = job.demos
+    print(f"es_mpi.pretrain: {job.cfg.env.id}, policy {job.cfg.policy.kind} with "
+          f"{job.policy.num_params:,} parameters; {d.source}: {d.episodes} episodes, "
+          f"{d.steps:,} steps, return mean {np.mean(d.episode_returns()):.2f} "
+          f"({len(job.corpus.heldout[0])} episodes held out); settings "
+          f"{dataclasses.asdict(job.settings)}", flush=True)
+    curve = train(job, args)
+    path = write_pretrained(Path(args.out), job, curve, args)
+    print(f"es_mpi.pretrain: {args.steps:,} steps in {curve.train_seconds:.1f} s "
+          f"({args.steps / curve.train_seconds:.1f} steps/s); loss {curve.loss[0]:.4g} -> "
+          f"{curve.loss[-1]:.4g}, held-out {curve.heldout_loss[-1]:.4g}, eval return "
+          f"{curve.eval_return[-1]:.2f}; wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
