@@ -7,6 +7,7 @@ dataclass for its section; unknown keys, missing required keys and bad values ra
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,23 @@ class ESConfig:
     episode_cap_factor: float = 2.0  # cap = min(limit, factor x previous mean length); 0 disables
     noise_table_size: int = 250_000_000  # float32 N(0,1) values in the shared noise table
     noise_seed: int = 123  # seed of the noise table (independent of run.seed)
-    eval_episodes: int = 1  # unperturbed episodes of theta per iteration (eval_return)
+    eval_episodes: int = 1  # unperturbed episodes of theta per iteration (eval_return), and as
+    #                         many again at each of es.eval_targets
+    # what the update ranks (an es_mpi extension, in neither paper): return = the episode's
+    # return (both papers); target_return = -|R - R*_j|: pair j gets a target return R*_j drawn
+    # from (run.seed, t, j), both of its episodes start with return-to-go R*_j (DT only)
+    fitness: Literal["return", "target_return"] = "return"
+    # target_return: R*_j uniform over es.target_range, or one of es.target_values (uniformly)
+    target_draw: Literal["uniform", "list"] = "uniform"
+    target_range: list = field(default_factory=list)  # target_draw uniform: [low, high], reward units
+    target_values: list = field(default_factory=list)  # target_draw list: the possible targets
+    # target_return: fitness -|R - R*_j| + w R with w = target_return_weight in [0, 1): the best
+    # return is still R*_j, but undershooting costs more than overshooting (keeps the policy able
+    # to reach high targets); 0 = plain -|R - R*_j|
+    target_return_weight: float = 0.0
+    # DT: initial returns-to-go at which theta is also evaluated every iteration, es.eval_episodes
+    # episodes each on the evaluation seeds; results columns eval_return_target_<i>
+    eval_targets: list = field(default_factory=list)
 
 
 @dataclass
@@ -151,6 +168,11 @@ class JobConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig)}
 _SECTION_CLASSES = {"env": EnvConfig, "policy": PolicyConfig, "es": ESConfig, "run": RunConfig}
 
+def _numbers(v: list) -> bool:
+    return all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+               for x in v)
+
+
 # Range checks beyond the type: key -> (predicate, what is allowed)
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "es.population": (lambda v: v > 0, "a positive integer"),
@@ -164,6 +186,11 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "es.episode_cap_factor": (lambda v: v >= 0, "a number >= 0"),
     "es.noise_table_size": (lambda v: v > 0, "a positive integer"),
     "es.eval_episodes": (lambda v: v >= 0, "an integer >= 0"),
+    "es.target_range": (lambda v: v == [] or (len(v) == 2 and _numbers(v) and v[0] < v[1]),
+                        "[low, high] with low < high"),
+    "es.target_values": (_numbers, "a list of numbers"),
+    "es.target_return_weight": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "es.eval_targets": (_numbers, "a list of numbers"),
     "env.obs_stat_prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "env.max_episode_steps": (lambda v: v is None or v > 0, "a positive integer or null"),
     "env.frame_skip": (lambda v: v > 0, "a positive integer"),
@@ -335,9 +362,30 @@ def _check_combinations(cfg: JobConfig) -> None:
         raise ConfigError("policy.dropout: needs policy.inference 'window' or 'full' (dropout "
                           "masks are redrawn for every token at every step, so no per-block "
                           "keys/values can be cached)")
+    _check_targets(cfg)
     if pol.vbn and cfg.env.normalize_obs:
         raise ConfigError("policy.vbn: use either virtual batch norm or env.normalize_obs "
                           "(per-pixel running normalisation), not both")
+
+
+def _check_targets(cfg: JobConfig) -> None:
+    """Return-conditioned training and evaluation need a Decision Transformer and targets."""
+    es = cfg.es
+    used = [f"{key}={value}" for key, value, on in (
+        ("es.fitness", es.fitness, es.fitness == "target_return"),
+        ("es.eval_targets", es.eval_targets, bool(es.eval_targets))) if on]
+    if used and cfg.policy.kind != "dt":
+        raise ConfigError(f"{used[0]}: sets the initial return-to-go of episodes, so it needs a "
+                          f"Decision Transformer (policy.kind dt); got policy.kind "
+                          f"{cfg.policy.kind!r}")
+    if es.fitness != "target_return":
+        return
+    if es.target_draw == "uniform" and not es.target_range:
+        raise ConfigError("es.target_range: es.fitness target_return with es.target_draw "
+                          "uniform needs [low, high], e.g. es.target_range=[0, 1000]")
+    if es.target_draw == "list" and not es.target_values:
+        raise ConfigError("es.target_values: es.fitness target_return with es.target_draw list "
+                          "needs a non-empty list of targets")
 
 
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:

@@ -11,6 +11,36 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+# ----------------------------------------------------------------------------- fitness
+def _target_fitness(returns: np.ndarray, targets: np.ndarray | None,
+                    return_weight: float) -> np.ndarray:
+    """-|R - R*_j| + w R: the closer episode (j, sign) came to its pair's target R*_j, the
+    fitter. With 0 < w < 1 the best return is still R*_j, but an undershoot costs 1 + w per
+    unit and an overshoot 1 - w: a policy that cannot tell targets apart is pushed up rather
+    than to the median target (w = 0: plain -|R - R*_j|)."""
+    if targets is None:
+        raise ValueError("fitness target_return needs the pairs' targets")
+    fitness = -np.abs(returns - np.asarray(targets, dtype=np.float64)[:, None])
+    return fitness + return_weight * returns if return_weight else fitness
+
+
+# es.fitness -> (returns (N, 2), targets (N,) or None, es.target_return_weight) -> fitness
+# (N, 2), the values that the fitness shaping ranks. return: both papers; target_return:
+# es_mpi's return-conditioned ES (neither paper)
+FITNESS = {
+    "return": lambda returns, targets, return_weight: returns,
+    "target_return": _target_fitness,
+}
+
+
+def episode_fitness(returns: np.ndarray, targets: np.ndarray | None, kind: str,
+                    return_weight: float = 0.0) -> np.ndarray:
+    """Fitness (N, 2) of the 2N episodes from their returns (N, 2) and the pairs' targets."""
+    if kind not in FITNESS:
+        raise ValueError(f"unknown fitness {kind!r}")
+    return FITNESS[kind](np.asarray(returns, dtype=np.float64), targets, return_weight)
+
+
 # ----------------------------------------------------------------------------- fitness shaping
 def ranks(x: np.ndarray, ties: str = "average") -> np.ndarray:
     """0-based ranks of a 1-D array as float64.

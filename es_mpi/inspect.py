@@ -21,10 +21,12 @@ import numpy as np
 import yaml
 
 from .config import flatten
-from .results import ResultsError, read_file
+from .results import EVAL_TARGET_PREFIX, ResultsError, read_file
 
 # Keys that tell seeds of one experiment apart; runs equal in everything else form a group.
 _PER_RUN_KEYS = ("run.seed", "run.dir", "run.iterations")
+# Achieved-vs-target panel: a run's achieved return at a target is the mean of its last rows.
+TARGET_ROWS = 5
 
 
 @dataclass
@@ -182,8 +184,37 @@ def stacked(runs: list[Run], column: str) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(n), vals
 
 
+def achieved_vs_target(run: Run, last: int = TARGET_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """(es.eval_targets, mean of the last `last` rows of each eval_return_target_<i>); empty
+    arrays for a run without evaluation targets."""
+    targets = np.asarray(run.config.get("es.eval_targets") or [], dtype=np.float64)
+    cols = [run.columns.get(f"{EVAL_TARGET_PREFIX}{i}") for i in range(targets.size)]
+    if not run.iterations or any(c is None for c in cols):
+        return np.zeros(0), np.zeros(0)
+    with _quiet():
+        return targets, np.array([np.nanmean(c[-last:]) for c in cols])
+
+
+def _plot_targets(ax, groups: dict[str, list[Run]], colors: list[str]) -> None:
+    """Achieved against target return (median over a group's seeds), with the diagonal."""
+    top = 0.0
+    for color, (label, members) in zip(colors, groups.items()):
+        pairs = [achieved_vs_target(r) for r in members]
+        pairs = [(t, a) for t, a in pairs if t.size]
+        if not pairs:
+            continue
+        with _quiet():
+            achieved = np.nanmedian(np.array([a for _, a in pairs]), axis=0)
+        ax.plot(pairs[0][0], achieved, color=color, marker="o", lw=1.6, label=label)
+        top = max(top, float(np.max(pairs[0][0])), float(np.nanmax(achieved, initial=0.0)))
+    ax.plot([0, top], [0, top], color="grey", ls="--", lw=1, label="achieved = target")
+    ax.set(xlabel="target return (initial return-to-go)", ylabel="achieved return",
+           title=f"achieved vs target (mean of the last {TARGET_ROWS} iterations)")
+
+
 def plot(runs: list[Run], path: str) -> str:
-    """Eval return and seconds per iteration against iteration; median and IQR over seeds."""
+    """Eval return and seconds per iteration against iteration; median and IQR over seeds.
+    Runs with es.eval_targets get a third panel: achieved against target return."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -191,32 +222,41 @@ def plot(runs: list[Run], path: str) -> str:
     metric = "eval_return"
     if all(np.all(np.isnan(r.columns.get(metric, np.array([np.nan])))) for r in runs):
         metric = "fitness_mean"  # jobs with es.eval_episodes=0
-    fig, (ax_ret, ax_sec) = plt.subplots(1, 2, figsize=(11, 4.2))
+    with_targets = any(achieved_vs_target(r)[0].size for r in runs)
+    fig, axes = plt.subplots(1, 3 if with_targets else 2, figsize=(16 if with_targets else 11, 4.2))
+    ax_ret, ax_sec = axes[:2]
     groups = group_runs([r for r in runs if r.iterations])
-    for color, (label, members) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9,
-                                       groups.items()):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9
+    for color, (label, members) in zip(colors, groups.items()):
         for ax, column in ((ax_ret, metric), (ax_sec, "iteration_seconds")):
-            x, vals = stacked(members, column)
-            if len(members) == 1:
-                ax.plot(x, vals[0], color=color, lw=1.6, label=label)
-                continue
-            for v in vals:
-                ax.plot(x, v, color=color, lw=0.6, alpha=0.35)
-            with np.errstate(all="ignore"), _quiet():
-                q25, med, q75 = np.nanpercentile(vals, [25, 50, 75], axis=0)
-            ax.fill_between(x, q25, q75, color=color, alpha=0.25, lw=0,
-                            label=f"{label}: interquartile range")
-            ax.plot(x, med, color=color, lw=2.2, label=f"{label}: median")
+            _plot_group(ax, members, column, color, label)
+    if with_targets:
+        _plot_targets(axes[2], groups, colors)
     ax_ret.set(xlabel="iteration", ylabel=metric.replace("_", " "),
                title=f"{metric.replace('_', ' ')} (median over seeds, IQR band)")
     ax_sec.set(xlabel="iteration", ylabel="seconds per iteration", title="wall-clock per iteration")
-    for ax in (ax_ret, ax_sec):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_group(ax, members: list[Run], column: str, color: str, label: str) -> None:
+    """One run as a line, or several seeds as thin lines, their median and IQR band."""
+    x, vals = stacked(members, column)
+    if len(members) == 1:
+        ax.plot(x, vals[0], color=color, lw=1.6, label=label)
+        return
+    for v in vals:
+        ax.plot(x, v, color=color, lw=0.6, alpha=0.35)
+    with np.errstate(all="ignore"), _quiet():
+        q25, med, q75 = np.nanpercentile(vals, [25, 50, 75], axis=0)
+    ax.fill_between(x, q25, q75, color=color, alpha=0.25, lw=0,
+                    label=f"{label}: interquartile range")
+    ax.plot(x, med, color=color, lw=2.2, label=f"{label}: median")
 
 
 class _quiet:
@@ -237,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="run dirs, results.h5 files, folders or globs")
     p.add_argument("--csv", metavar="FILE.csv",
                    help="write every iteration of every run (long format); '-' for stdout")
-    p.add_argument("--plot", metavar="FILE.png", help="eval return and seconds per iteration")
+    p.add_argument("--plot", metavar="FILE.png", help="eval return and seconds per iteration; "
+                   "achieved against target return for runs with es.eval_targets")
     args = p.parse_args(argv)
     errors: list[str] = []
     try:

@@ -22,7 +22,7 @@ from . import es, rollout
 from .checkpoint import TrainState
 from .config import JobConfig
 from .es import ObsStats
-from .noise import EVAL_EPISODE, TRAIN_EPISODE, Draws, episode_seed, iteration_draws
+from .noise import EVAL_EPISODE, TRAIN_EPISODE, Draws, TargetSpec, episode_seed, iteration_draws
 from .results import IterationRow
 from .rollout import EpisodeResult, Normalizer
 from .schedule import Item, chunk_bounds, decode, static_items
@@ -70,15 +70,27 @@ ASSIGNMENTS = {"static": StaticAssignment, "dynamic": DynamicAssignment}
 
 
 # ----------------------------------------------------------------------------- plan
+def eval_returns_to_go(cfg: JobConfig) -> tuple[float | None, ...]:
+    """The initial returns-to-go of the evaluation slots: slot 0 the policy's own
+    (policy.target_return; None for other policies), then each of es.eval_targets."""
+    return (None, *(float(v) for v in cfg.es.eval_targets))
+
+
+def n_eval_items(cfg: JobConfig) -> int:
+    """Evaluation episodes per iteration: es.eval_episodes in each evaluation slot."""
+    return cfg.es.eval_episodes * len(eval_returns_to_go(cfg))
+
+
 @dataclass(frozen=True)
 class IterationPlan:
     """What every rank knows about iteration t before any episode runs."""
 
     iteration: int
-    draws: Draws
+    draws: Draws  # with the pairs' target returns under es.fitness target_return
     cap: int  # step cap of the training episodes (adaptive)
     normalize: Normalizer  # observation transform with the current statistics
     shared_randomness: bool  # es.env_seeds per_iteration: the population shares its episode seed
+    eval_rtgs: tuple[float | None, ...] = (None,)  # eval_returns_to_go: one per evaluation slot
 
 
 def plan_iteration(cfg: JobConfig, rt, state: TrainState) -> IterationPlan:
@@ -87,10 +99,10 @@ def plan_iteration(cfg: JobConfig, rt, state: TrainState) -> IterationPlan:
     draws = iteration_draws(cfg.run.seed, state.iteration, cfg.es.population,
                             rt.noise.table.size, state.theta.size,
                             cfg.env.obs_stat_prob if cfg.env.normalize_obs else 0.0,
-                            cfg.es.eval_episodes, cfg.es.env_seeds)
+                            cfg.es.eval_episodes, cfg.es.env_seeds, TargetSpec.of(cfg.es))
     cap = es.adaptive_episode_cap(rt.episode_limit, state.prev_lengths, cfg.es.episode_cap_factor)
     return IterationPlan(state.iteration, draws, cap, make_normalizer(cfg.env, state.obs_stats),
-                         cfg.es.env_seeds == "per_iteration")
+                         cfg.es.env_seeds == "per_iteration", eval_returns_to_go(cfg))
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -112,19 +124,21 @@ class LocalResults:
 def run_item(cfg: JobConfig, rt, state: TrainState, plan: IterationPlan,
              item: Item) -> EpisodeResult:
     """One episode: theta itself (evaluation, no action noise: OpenAI's evaluation), or
-    theta +- sigma eps_j on the env seed of pair j."""
+    theta +- sigma eps_j on the env seed of pair j, from return-to-go R*_j with targets."""
     seed, t, draws = cfg.run.seed, plan.iteration, plan.draws
-    if item.is_eval:
+    if item.is_eval:  # slot k, episode e: every slot runs the same seeds (only the RTG differs)
+        k, e = divmod(item.index, cfg.es.eval_episodes)
         rt.policy.set_theta(state.theta)
-        return rollout.run_episode(rt.env, rt.policy, draws.eval_seeds[item.index],
-                                   rt.episode_limit, plan.normalize,
-                                   episode_seed=episode_seed(seed, t, EVAL_EPISODE, item.index, 0))
+        return rollout.run_episode(rt.env, rt.policy, draws.eval_seeds[e], rt.episode_limit,
+                                   plan.normalize, target_return=plan.eval_rtgs[k],
+                                   episode_seed=episode_seed(seed, t, EVAL_EPISODE, e, 0))
     j, s = item.index, item.sign
     eps = rt.noise.table[draws.offsets[j]: draws.offsets[j] + state.theta.size]
     rt.policy.set_perturbed(state.theta, eps, (1.0, -1.0)[s] * cfg.es.sigma)
     key = 0 if plan.shared_randomness else j
+    target = None if draws.targets is None else float(draws.targets[j])
     return rollout.run_episode(rt.env, rt.policy, draws.env_seeds[j, s], plan.cap, plan.normalize,
-                               bool(draws.record_obs[j, s]),
+                               bool(draws.record_obs[j, s]), target_return=target,
                                episode_seed=episode_seed(seed, t, TRAIN_EPISODE, key, s),
                                action_noise_std=cfg.policy.action_noise_std)
 
@@ -132,7 +146,7 @@ def run_item(cfg: JobConfig, rt, state: TrainState, plan: IterationPlan,
 def rollouts(cfg: JobConfig, rt, state: TrainState, plan: IterationPlan) -> LocalResults:
     """Run the episodes the work assignment gives this rank."""
     start, out = time.perf_counter(), LocalResults()
-    n_eval = cfg.es.eval_episodes
+    n_eval = n_eval_items(cfg)
     for number in rt.assignment.items(n_eval, cfg.es.population):
         item = decode(number, n_eval)
         res = run_item(cfg, rt, state, plan, item)
@@ -159,7 +173,7 @@ class Gathered:
     """The exchange stage's output: identical on every rank."""
 
     pairs: EpisodeResults  # (N, 2), row j
-    evals: EpisodeResults  # (E,)
+    evals: EpisodeResults  # (S E,): evaluation slot k's E episodes at k E .. (k + 1) E - 1
     obs_stats: ObsStats  # the statistics with this iteration's recorded episodes added
     rollout_idle: float  # 1 - mean/max of the ranks' seconds in episodes
 
@@ -203,7 +217,7 @@ def exchange(cfg: JobConfig, comm, rt, state: TrainState, local: LocalResults) -
     """Every rank's episode results (keyed by item), observation sums and busy seconds."""
     from . import comm as mpi
 
-    n_eval, n_pairs = cfg.es.eval_episodes, cfg.es.population
+    n_eval, n_pairs = n_eval_items(cfg), cfg.es.population
     rows = mpi.gather_by_key(comm, local.rows(), n_eval + 2 * n_pairs)
     pairs, evals = _split_rows(rows, n_eval, n_pairs)
     stats = gather_obs_stats(comm, local.recorded, rt.env.observation_space, state.obs_stats)
@@ -233,9 +247,12 @@ def noise_sum(cfg: JobConfig, rt, offsets: np.ndarray, weights: np.ndarray, dim:
 
 def update(cfg: JobConfig, rt, state: TrainState, plan: IterationPlan,
            pairs: EpisodeResults) -> Step:
-    """Fitness shaping, the gradient estimate and the optimiser step."""
-    weights = es.fitness_weights(pairs.returns[:, 0], pairs.returns[:, 1],
-                                 cfg.es.fitness_shaping, cfg.es.tie_break)
+    """Fitness (the returns, or -|R - R*_j| + w R), its shaping, the gradient estimate and the
+    optimiser step."""
+    fitness = es.episode_fitness(pairs.returns, plan.draws.targets, cfg.es.fitness,
+                                 cfg.es.target_return_weight)
+    weights = es.fitness_weights(fitness[:, 0], fitness[:, 1], cfg.es.fitness_shaping,
+                                 cfg.es.tie_break)
     total = noise_sum(cfg, rt, plan.draws.offsets, weights, state.theta.size)
     grad = es.gradient_estimate(total, cfg.es.population, cfg.es.sigma, cfg.es.divide_by_sigma,
                                 cfg.es.grad_divisor)
@@ -265,10 +282,19 @@ def advance(state: TrainState, got: Gathered, step: Step, seconds: StageSeconds)
         extras=state.extras)
 
 
+def _slot_means(values: np.ndarray, slots: int) -> np.ndarray:
+    """(S E,) evaluation values -> (S,) mean per slot; NaN without evaluation episodes."""
+    if values.size == 0:
+        return np.full(slots, np.nan)
+    return values.reshape(slots, -1).mean(axis=1)
+
+
 def results_row(old: TrainState, new: TrainState, plan: IterationPlan, got: Gathered,
                 step: Step, seconds: StageSeconds) -> IterationRow:
     returns, lengths = got.pairs.returns.ravel(), got.pairs.lengths.ravel()
-    has_eval = got.evals.returns.size > 0
+    slots = len(plan.eval_rtgs)
+    eval_returns = _slot_means(got.evals.returns, slots)
+    targets = plan.draws.targets
     theta64 = new.theta.astype(np.float64)
     return IterationRow(
         iteration=old.iteration, timesteps=new.timesteps, episodes=new.episodes,
@@ -276,12 +302,14 @@ def results_row(old: TrainState, new: TrainState, plan: IterationPlan, got: Gath
         time_rollout=seconds.rollout, time_comm=seconds.exchange, time_update=seconds.update,
         fitness_mean=returns.mean(), fitness_max=returns.max(), fitness_min=returns.min(),
         fitness_std=returns.std(),
-        eval_return=got.evals.returns.mean() if has_eval else np.nan,
-        eval_length=got.evals.lengths.mean() if has_eval else np.nan,
+        eval_return=eval_returns[0], eval_length=_slot_means(got.evals.lengths, slots)[0],
         episode_length_mean=lengths.mean(), episode_cap=plan.cap, grad_norm=step.grad_norm,
         update_norm=float(np.linalg.norm(theta64 - old.theta)),
         theta_norm=float(np.linalg.norm(theta64)), obs_count=got.obs_stats.count,
-        rollout_idle=got.rollout_idle)
+        rollout_idle=got.rollout_idle,
+        eval_return_targets=tuple(float(v) for v in eval_returns[1:]),
+        target_error_mean=None if targets is None else float(
+            np.abs(got.pairs.returns - targets[:, None]).mean()))
 
 
 def run_iteration(cfg: JobConfig, comm, rt, state: TrainState) -> tuple[TrainState, IterationRow]:

@@ -41,6 +41,9 @@ class Draws:
     env_seeds: np.ndarray  # (N, 2) int64, reset seeds of episodes (j, +) and (j, -)
     record_obs: np.ndarray  # (N, 2) bool, episode (j, +) / (j, -) feeds the observation statistics
     eval_seeds: np.ndarray  # (E,) int64, reset seeds of the unperturbed evaluation episodes
+    # (N,) float64 target return R*_j of pair j, both signs alike (es.fitness target_return);
+    # None when the fitness is the plain return
+    targets: np.ndarray | None = None
 
 
 def _seeds(rng: np.random.Generator, shape) -> np.ndarray:
@@ -57,9 +60,42 @@ ENV_SEEDS = {
 }
 
 
+@dataclass(frozen=True)
+class TargetSpec:
+    """How the target returns R*_j of es.fitness target_return are drawn (es.target_*)."""
+
+    draw: str  # es.target_draw: a key of TARGET_DRAWS
+    range: tuple[float, float] = (0.0, 0.0)  # uniform: [low, high)
+    values: tuple[float, ...] = ()  # list: the possible targets
+
+    @classmethod
+    def of(cls, es_cfg) -> "TargetSpec | None":
+        """The spec of an `ESConfig`, or None when its fitness is the plain return."""
+        if es_cfg.fitness != "target_return":
+            return None
+        return cls(es_cfg.target_draw, tuple(float(v) for v in es_cfg.target_range) or (0.0, 0.0),
+                   tuple(float(v) for v in es_cfg.target_values))
+
+
+# es.target_draw -> (generator, N, spec) -> (N,) float64 targets, drawn for j = 0..N-1 in order
+TARGET_DRAWS = {
+    "uniform": lambda rng, n, spec: rng.uniform(spec.range[0], spec.range[1], n),
+    "list": lambda rng, n, spec: np.asarray(spec.values, dtype=np.float64)[
+        rng.integers(0, len(spec.values), n)],
+}
+
+
+def pair_targets(run_seed: int, iteration: int, population: int, spec: TargetSpec) -> np.ndarray:
+    """(N,) target returns R*_j, a function of (run_seed, iteration, j) alone: one generator per
+    (run seed, t), of its own (the other draws are the same with or without targets)."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+        [run_seed, iteration, 0x7A26E7])))
+    return TARGET_DRAWS[spec.draw](rng, population, spec)
+
+
 def iteration_draws(run_seed: int, iteration: int, population: int, table_size: int, dim: int,
                     obs_stat_prob: float, eval_episodes: int,
-                    env_seed_mode: str = "per_pair") -> Draws:
+                    env_seed_mode: str = "per_pair", targets: TargetSpec | None = None) -> Draws:
     """Offsets, env seeds and obs-stat selection for every perturbation of one iteration.
 
     One generator per (run_seed, iteration) draws the values for j = 0..N-1 in order, so each
@@ -76,6 +112,7 @@ def iteration_draws(run_seed: int, iteration: int, population: int, table_size: 
         env_seeds=ENV_SEEDS[env_seed_mode](r_env, population),
         record_obs=r_obs.random((population, 2)) < obs_stat_prob,
         eval_seeds=_seeds(r_eval, eval_episodes),
+        targets=None if targets is None else pair_targets(run_seed, iteration, population, targets),
     )
 
 

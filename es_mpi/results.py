@@ -41,6 +41,55 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
 # checkpoint lack them and get NaN / -1 there, as a run made before they existed.
 LATER_COLUMNS = ("rollout_idle",)
 
+# Columns a run has only when its config asks for them (results.h5 and checkpoints alike).
+TARGET_ERROR = "target_error_mean"  # es.fitness target_return
+_TARGET_ERROR_SPEC = ("f8", "return", "mean |R - R*_j| of the 2N perturbed episodes, R*_j the "
+                      "target return of pair j (es.fitness target_return)")
+EVAL_TARGET_PREFIX = "eval_return_target_"  # + i, one per es.eval_targets[i]; attribute `target`
+_EVAL_TARGET_SPEC = ("f8", "return", "mean return of theta without noise started with "
+                     "return-to-go es.eval_targets[i] (attribute target), on the evaluation seeds")
+
+
+def eval_target_column(i: int) -> str:
+    return f"{EVAL_TARGET_PREFIX}{i}"
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The columns of one run's results: COLUMNS, then target_error_mean (es.fitness
+    target_return) and eval_return_target_0..K-1 (es.eval_targets, K of them)."""
+
+    eval_targets: tuple[float, ...] = ()  # the value of each eval_return_target_<i>
+    target_error: bool = False
+
+    @classmethod
+    def of_config(cls, cfg) -> "Schema":
+        return cls(tuple(float(v) for v in cfg.es.eval_targets),
+                   cfg.es.fitness == "target_return")
+
+    @classmethod
+    def of_names(cls, names) -> "Schema":
+        """The optional columns among `names` (stored rows); target values unknown (NaN).
+        eval_return_target_<i> count only as a run 0..K-1, as a writer makes them."""
+        k = 0
+        while eval_target_column(k) in names:
+            k += 1
+        return cls((float("nan"),) * k, TARGET_ERROR in names)
+
+    def optional(self) -> dict[str, tuple[str, str, str]]:
+        out = {TARGET_ERROR: _TARGET_ERROR_SPEC} if self.target_error else {}
+        out.update({eval_target_column(i): _EVAL_TARGET_SPEC for i in range(len(self.eval_targets))})
+        return out
+
+    def columns(self) -> dict[str, tuple[str, str, str]]:
+        return {**COLUMNS, **self.optional()}
+
+    def attrs(self, name: str) -> dict:
+        """Extra attributes of a column's dataset in results.h5 (the target of a per-target one)."""
+        if name.startswith(EVAL_TARGET_PREFIX):
+            return {"target": np.float64(self.eval_targets[int(name[len(EVAL_TARGET_PREFIX):])])}
+        return {}
+
 
 FORMAT_VERSION = 1
 # Wall-clock columns: the only ones that differ between two runs of the same job and seed.
@@ -65,7 +114,8 @@ def set_aside(path: Path, why: str, warn, suffix: str = ".unreadable") -> Path:
     return aside
 
 
-def _rows_from_old_file(path: Path, keep_rows: int, warn) -> dict[str, np.ndarray]:
+def _rows_from_old_file(path: Path, keep_rows: int, warn,
+                        columns: dict[str, tuple[str, str, str]]) -> dict[str, np.ndarray]:
     """Rows 0..keep_rows-1 read from an existing results.h5, for a checkpoint that does not
     carry them (format 1); rows that cannot be read become placeholders (NaN / -1)."""
     old: dict[str, np.ndarray] = {}
@@ -80,7 +130,7 @@ def _rows_from_old_file(path: Path, keep_rows: int, warn) -> dict[str, np.ndarra
              "iterations being resumed, and the checkpoint predates stored rows; the missing "
              "rows cannot be recovered and are filled with NaN / -1")
     rows = {}
-    for name, (dtype, _, _) in COLUMNS.items():
+    for name, (dtype, _, _) in columns.items():
         col = np.full(keep_rows, _fill(dtype), dtype=dtype)
         if name in old:
             col[:min(have, keep_rows)] = old[name][:keep_rows]
@@ -91,7 +141,8 @@ def _rows_from_old_file(path: Path, keep_rows: int, warn) -> dict[str, np.ndarra
 
 @dataclass(frozen=True)
 class IterationRow:
-    """One row of results.h5, field for field the columns of COLUMNS (a test keeps them equal)."""
+    """One row of results.h5: field for field the columns of COLUMNS (a test keeps them
+    equal), then the optional columns of a Schema (as_dict names them)."""
 
     iteration: int
     timesteps: int
@@ -114,27 +165,44 @@ class IterationRow:
     theta_norm: float
     obs_count: float
     rollout_idle: float
+    # the optional columns (Schema): eval_return_target_<i>, and target_error_mean (or None)
+    eval_return_targets: tuple[float, ...] = ()
+    target_error_mean: float | None = None
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Column name -> value, the optional columns included when present."""
+        out = {name: getattr(self, name) for name in COLUMNS}
+        if self.target_error_mean is not None:
+            out[TARGET_ERROR] = self.target_error_mean
+        out.update({eval_target_column(i): v for i, v in enumerate(self.eval_return_targets)})
+        return out
 
     def summary(self) -> str:
         """The line rank 0 prints for the iteration."""
+        extra = "" if self.target_error_mean is None else \
+            f" | target error {self.target_error_mean:8.2f}"
+        if self.eval_return_targets:
+            extra += " | eval at targets " + " ".join(f"{v:.1f}" for v in self.eval_return_targets)
         return (f"iter {self.iteration:5d} | steps {self.timesteps:>11,d} | "
                 f"episodes {self.episodes:>9,d} | fitness mean {self.fitness_mean:9.2f} "
                 f"max {self.fitness_max:9.2f} | eval {self.eval_return:9.2f} | "
-                f"cap {self.episode_cap:5d} | {self.iteration_seconds:6.2f}s")
+                f"cap {self.episode_cap:5d} | {self.iteration_seconds:6.2f}s{extra}")
 
 
-def check_rows(rows: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """`rows` as one array per column of COLUMNS, each of length n with iteration == 0..n-1.
-    Columns of LATER_COLUMNS missing from older rows are filled with NaN / -1."""
-    rows = {**{name: np.full(n, _fill(COLUMNS[name][0]), dtype=COLUMNS[name][0])
-               for name in LATER_COLUMNS}, **rows}
-    missing = [name for name in COLUMNS if name not in rows]
+def check_rows(rows: dict[str, np.ndarray], n: int,
+               columns: dict[str, tuple[str, str, str]] | None = None) -> dict[str, np.ndarray]:
+    """`rows` as one array per column of `columns` (default: COLUMNS and the optional columns
+    present in `rows`), each of length n with iteration == 0..n-1. Columns of LATER_COLUMNS,
+    and optional columns, missing from the rows are filled with NaN / -1 (older rows, or a
+    resume with --force that asks for other columns); columns not in `columns` are dropped."""
+    columns = Schema.of_names(rows).columns() if columns is None else columns
+    fillable = [name for name in columns if name in LATER_COLUMNS or name not in COLUMNS]
+    rows = {**{name: np.full(n, _fill(columns[name][0]), dtype=columns[name][0])
+               for name in fillable}, **rows}
+    missing = [name for name in columns if name not in rows]
     if missing:
         raise ValueError(f"results rows lack the column(s) {', '.join(missing)}")
-    out = {name: np.asarray(rows[name], dtype=dtype) for name, (dtype, _, _) in COLUMNS.items()}
+    out = {name: np.asarray(rows[name], dtype=dtype) for name, (dtype, _, _) in columns.items()}
     if any(col.shape != (n,) for col in out.values()):
         raise ValueError(f"results rows: expected {n} rows in every column, got "
                          + ", ".join(f"{k} {v.shape}" for k, v in out.items() if v.shape != (n,)))
@@ -156,17 +224,19 @@ class ResultsWriter:
     """
 
     def __init__(self, path: str | Path, keep_rows: int = 0, config_text: str = "",
-                 warn=print, rows: dict[str, np.ndarray] | None = None):
-        self.path = Path(path)
+                 warn=print, rows: dict[str, np.ndarray] | None = None,
+                 schema: Schema = Schema()):
+        self.path, self.schema = Path(path), schema
+        self.columns = schema.columns()  # this run's columns: COLUMNS + the optional ones
         if rows is not None:
-            rows = check_rows(rows, keep_rows)
+            rows = check_rows(rows, keep_rows, self.columns)
             if keep_rows and self.path.exists():
                 self._set_aside_if_unreadable(warn)
         else:
-            rows = _rows_from_old_file(self.path, keep_rows, warn)
+            rows = _rows_from_old_file(self.path, keep_rows, warn, self.columns)
         self._rows = {name: list(col) for name, col in rows.items()}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        self._write_fresh(tmp, rows, config_text)
+        self._write_fresh(tmp, rows, config_text, schema)
         self.file = h5py.File(tmp, "a", libver=_LIBVER)
         self.grp = self.file["iterations"]
         self.file.swmr_mode = True  # no attribute may be written after this point
@@ -180,14 +250,15 @@ class ResultsWriter:
             set_aside(self.path, f"{exc} (rebuilt from the checkpoint, no row is lost)", warn)
 
     @staticmethod
-    def _write_fresh(tmp: Path, rows: dict[str, np.ndarray], config_text: str) -> None:
+    def _write_fresh(tmp: Path, rows: dict[str, np.ndarray], config_text: str,
+                     schema: Schema) -> None:
         with h5py.File(tmp, "w", libver=_LIBVER) as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["config"] = config_text
             from . import __version__
             f.attrs["es_mpi_version"] = __version__
             grp = f.create_group("iterations")
-            for name, (dtype, units, meaning) in COLUMNS.items():
+            for name, (dtype, units, meaning) in schema.columns().items():
                 data = rows.get(name, np.zeros(0))
                 n = len(data)
                 ds = grp.create_dataset(name, shape=(n,), maxshape=(None,), dtype=dtype,
@@ -197,26 +268,27 @@ class ResultsWriter:
                     ds[:] = data
                 ds.attrs["units"] = units
                 ds.attrs["description"] = meaning
+                ds.attrs.update(schema.attrs(name))
 
     def __len__(self) -> int:
         return int(self.grp["iteration"].shape[0])
 
     def append(self, row: dict | IterationRow) -> None:
-        """Add one row, which must have exactly the columns of COLUMNS (a misspelt or missing
-        one is a ValueError naming it, never a silent NaN).
+        """Add one row, which must have exactly this run's columns (a misspelt or missing one
+        is a ValueError naming it, never a silent NaN).
 
         `iteration` is written last, after a flush of all the other columns: a reader that
         sees iteration[i] == i knows the whole row i is on disk (read_results relies on it).
         """
         row = row.as_dict() if isinstance(row, IterationRow) else row
-        if set(row) != set(COLUMNS):
+        if set(row) != set(self.columns):
             raise ValueError("results row: unknown column(s) "
-                             f"{sorted(set(row) - set(COLUMNS))}, missing column(s) "
-                             f"{sorted(set(COLUMNS) - set(row))}")
+                             f"{sorted(set(row) - set(self.columns))}, missing column(s) "
+                             f"{sorted(set(self.columns) - set(row))}")
         n = len(self)
         if row["iteration"] != n:
             raise ValueError(f"results row {row['iteration']} appended as row {n}")
-        for name in COLUMNS:
+        for name in self.columns:
             if name != "iteration":
                 self._put(name, n, row[name])
         self.file.flush()
@@ -224,7 +296,7 @@ class ResultsWriter:
         self.file.flush()
 
     def _put(self, name: str, n: int, value) -> None:
-        value = np.asarray(value, dtype=COLUMNS[name][0])  # the very value memory keeps
+        value = np.asarray(value, dtype=self.columns[name][0])  # the very value memory keeps
         ds = self.grp[name]
         ds.resize((n + 1,))
         ds[n] = value
@@ -233,7 +305,7 @@ class ResultsWriter:
     def rows(self) -> dict[str, np.ndarray]:
         """Every row written so far, one array per column (what a checkpoint stores)."""
         return {name: np.array(self._rows[name], dtype=dtype)
-                for name, (dtype, _, _) in COLUMNS.items()}
+                for name, (dtype, _, _) in self.columns.items()}
 
     def close(self) -> None:
         self.file.close()
@@ -335,8 +407,8 @@ def results_problem(path: str | Path, n: int, rows: dict | None = None) -> Resul
     have = len(cols.get("iteration", ()))
     if have != n:
         return ResultsProblem(f"{path} holds {have} rows, the checkpoint {n}", readable=True)
-    for name, (dtype, _, _) in COLUMNS.items() if rows is not None else ():
-        want = np.asarray(rows[name], dtype=dtype)
+    rows = None if rows is None else check_rows(rows, n)
+    for name, want in rows.items() if rows is not None else ():
         if name not in cols and name in LATER_COLUMNS:
             continue  # a file written before the column existed
         if name not in cols or cols[name].tobytes() != want.tobytes():
@@ -346,7 +418,7 @@ def results_problem(path: str | Path, n: int, rows: dict | None = None) -> Resul
 
 
 def repair_results(path: str | Path, n: int, rows: dict | None, config_text: str,
-                   warn=print) -> bool:
+                   warn=print, schema: Schema = Schema()) -> bool:
     """Check results.h5 of a finished run against its checkpoint; rebuild it if it is damaged.
 
     The bad file is set aside (`.unreadable` if it does not read, `.damaged` if it reads but
@@ -363,6 +435,7 @@ def repair_results(path: str | Path, n: int, rows: dict | None, config_text: str
         return False
     if path.exists():
         set_aside(path, problem.message, warn, ".damaged" if problem.readable else ".unreadable")
-    ResultsWriter(path, keep_rows=n, config_text=config_text, warn=warn, rows=rows).close()
+    ResultsWriter(path, keep_rows=n, config_text=config_text, warn=warn, rows=rows,
+                  schema=schema).close()
     warn(f"es_mpi: WARNING: rebuilt {path} from the checkpoint ({n} rows)")
     return True

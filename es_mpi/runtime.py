@@ -180,10 +180,10 @@ def warn(message: str) -> None:
 def report_complete(cfg: JobConfig, state) -> None:
     """Rank 0, run already complete: check results.h5 against the checkpoint's rows and
     rebuild it (with a warning) if it is missing, unreadable or different."""
-    from .results import repair_results
+    from .results import Schema, repair_results
 
     repair_results(Path(cfg.run.dir) / "results.h5", state.iteration, state.results,
-                   cfg.to_yaml(), warn)
+                   cfg.to_yaml(), warn, Schema.of_config(cfg))
     print(f"es_mpi: {cfg.run.dir} is already complete (iteration {state.iteration}, "
           f"run.iterations={cfg.run.iterations}); nothing to do", flush=True)
 
@@ -193,13 +193,14 @@ def open_results(cfg: JobConfig, state, comm, rt: Runtime):
     (taken from the resumed checkpoint; a damaged old results.h5 is set aside)."""
     from .determinism import cpu_kernels
     from .es import NOISE_SUM_KERNEL
-    from .results import ResultsWriter
+    from .results import ResultsWriter, Schema
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     writer = ResultsWriter(run_dir / "results.h5", keep_rows=state.iteration,
-                           config_text=cfg.to_yaml(), warn=warn, rows=state.results)
+                           config_text=cfg.to_yaml(), warn=warn, rows=state.results,
+                           schema=Schema.of_config(cfg))
     print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
           f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
           f"{cfg.run.assignment} work assignment, noise sum {NOISE_SUM_KERNEL}, run dir "
