@@ -190,7 +190,9 @@ def test_image_dt_on_ale_frames_equals_full_forward():
         assert action == int(torch.argmax(ref))
 
     play(env, policy, 12, 0, check, target_return=20.0)  # > 2K: the ring wraps around
-    assert max(diffs) < 1e-5
+    # float32 rounding: < 1e-5 on this machine's default kernels, 1.4e-5 with the AVX2 ones that
+    # es_mpi pins (MKL_CBWR=AVX2, set in this process once any module imports es_mpi.run)
+    assert max(diffs) < 3e-5
 
 
 def test_image_dt_rejects_normalised_frames():
