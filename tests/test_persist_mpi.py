@@ -201,7 +201,8 @@ def test_signal_while_blocked_in_mpi_is_seen_at_the_next_boundary():
 def test_swmr_reader_polling_a_live_run_never_errors(tmp_path):
     run_dir = tmp_path / "run"
     results = run_dir / "results.h5"
-    proc = start_job(2, run_dir, ["es.population=16", "run.iterations=12"])
+    # iterations long enough (the lean rollouts made 16 pairs too quick) for several polls
+    proc = start_job(2, run_dir, ["es.population=48", "run.iterations=12"])
     from es_mpi import inspect
     live_plot = tmp_path / "live.png"
     seen, polls, snapshots = [], 0, []
