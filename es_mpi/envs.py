@@ -3,10 +3,17 @@ go to `envs_atari` (the paper's Atari preprocessing)."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import gymnasium as gym
+from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 
 from .config import ConfigError
+
+# Wrappers of gymnasium.make whose per-step work a rollout may skip: they only check the
+# order of calls (reset before step) and the spaces. TimeLimit is replayed by the rollout.
+CHECK_ONLY_WRAPPERS = (OrderEnforcing, PassiveEnvChecker)
 
 
 def make_env(cfg, render_mode: str | None = None) -> gym.Env:
@@ -41,3 +48,30 @@ def episode_limit(env: gym.Env) -> int:
     if spec is not None and spec.max_episode_steps:
         return int(spec.max_episode_steps)
     return 100_000
+
+
+@dataclass(frozen=True)
+class LeanStep:
+    """How a rollout steps an env: `step` is the innermost env's own step when every wrapper
+    above it is a TimeLimit or a checking wrapper (CHECK_ONLY_WRAPPERS), else the env's own
+    step. `limit` is then the smallest TimeLimit's step count, at which the rollout must end
+    the episode as truncated itself (None: no TimeLimit was skipped)."""
+
+    step: Callable
+    limit: int | None
+
+
+def lean_step(env) -> LeanStep:
+    """The per-step shortcut for `env` (see LeanStep). Reset still goes through `env`, so
+    the wrappers' own bookkeeping is right at the start of every episode. Any wrapper not
+    known here (Atari preprocessing, a recorder, a user's) keeps the whole wrapped step."""
+    limit, inner = None, env
+    while isinstance(inner, gym.Wrapper):
+        kind = type(inner)  # exact types: a subclass may do more per step
+        if kind is TimeLimit:
+            steps = int(inner._max_episode_steps)
+            limit = steps if limit is None else min(limit, steps)
+        elif kind not in CHECK_ONLY_WRAPPERS:
+            return LeanStep(env.step, None)
+        inner = inner.env
+    return LeanStep(inner.step, limit)

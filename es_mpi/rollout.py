@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .envs import LeanStep, lean_step
+
 
 @dataclass
 class Normalizer:
@@ -20,10 +22,16 @@ class Normalizer:
             self._mean = self.mean.astype(np.float32)
             self._inv_std = (1.0 / self.std).astype(np.float32)
 
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
+    def __call__(self, obs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The normalised observation, written into `out` (float32, obs's shape) if given:
+        the same bits, without allocating."""
         if self.mean is None:
             return obs
-        x = (obs.astype(np.float32, copy=False) - self._mean) * self._inv_std
+        if out is None:
+            x = (obs.astype(np.float32, copy=False) - self._mean) * self._inv_std
+        else:  # dtype=float32 casts obs first, as astype above does
+            x = np.subtract(obs, self._mean, out=out, dtype=np.float32, casting="same_kind")
+            np.multiply(x, self._inv_std, out=x)
         return x if self.clip is None else np.clip(x, -self.clip, self.clip, out=x)
 
 
@@ -41,15 +49,20 @@ class EpisodeResult:
     obs_sum: np.ndarray | None = None  # sum of raw observations (when recorded)
     obs_sumsq: np.ndarray | None = None
     obs_count: int = 0
+    terminated: bool = False  # the env ended it (not the time limit, the cap or a truncation)
 
 
 def run_episode(env, policy, seed: int, max_steps: int, normalize: Normalizer,
                 record_obs: bool = False, target_return: float | None = None,
-                episode_seed: int | None = None, action_noise_std: float = 0.0) -> EpisodeResult:
+                episode_seed: int | None = None, action_noise_std: float = 0.0,
+                lean: bool = True) -> EpisodeResult:
     """Run `policy` in `env` from reset(seed) for at most `max_steps` steps.
 
     `episode_seed` seeds the episode's own randomness: the policy's (dropout, sampled actions)
-    and the N(0, action_noise_std^2) noise added to continuous actions.
+    and the N(0, action_noise_std^2) noise added to continuous actions. `lean` steps the
+    innermost env directly when gymnasium.make's wrappers are all the chain holds, ending the
+    episode at the TimeLimit itself (envs.lean_step: the same episode, without two Python
+    wrapper calls a step); False steps the wrapped env.
     """
     obs, _ = env.reset(seed=int(seed))
     policy.reset(target_return, seed=episode_seed)
@@ -58,23 +71,28 @@ def run_episode(env, policy, seed: int, max_steps: int, normalize: Normalizer,
         if episode_seed is None:
             raise ValueError("action noise needs an episode_seed")
         noise_rng = np.random.Generator(np.random.PCG64([episode_seed, 0xAC7]))
-    total, steps = 0.0, 0
+    shortcut = lean_step(env) if lean else LeanStep(env.step, None)
+    step, act, observe = shortcut.step, policy.act, policy.observe
+    cap = max_steps if shortcut.limit is None else min(max_steps, shortcut.limit)
+    total, steps, terminated = 0.0, 0, False
     s = ss = None
     if record_obs:  # integer frames sum exactly in int64; anything else in float64
         acc = np.int64 if np.issubdtype(obs.dtype, np.integer) else np.float64
         s, ss = np.zeros(obs.shape, dtype=acc), np.zeros(obs.shape, dtype=acc)
-    while steps < max_steps:
+    buf = np.empty(np.shape(obs), dtype=np.float32)  # the normalised observation, reused
+    while steps < cap:
         if record_obs:
             s += obs
             ss += np.square(obs, dtype=s.dtype)
-        action = policy.act(normalize(obs))
+        action = act(normalize(obs, buf))
         if noise_rng is not None:
             action = action + noise_rng.standard_normal(np.shape(action), dtype=np.float32) \
                 * np.float32(action_noise_std)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        policy.observe(float(reward))
-        total += float(reward)
+        obs, reward, terminated, truncated, _ = step(action)
+        reward = float(reward)
+        observe(reward)
+        total += reward
         steps += 1
         if terminated or truncated:
             break
-    return EpisodeResult(total, steps, s, ss, steps if record_obs else 0)
+    return EpisodeResult(total, steps, s, ss, steps if record_obs else 0, bool(terminated))

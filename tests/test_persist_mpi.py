@@ -201,8 +201,10 @@ def test_signal_while_blocked_in_mpi_is_seen_at_the_next_boundary():
 def test_swmr_reader_polling_a_live_run_never_errors(tmp_path):
     run_dir = tmp_path / "run"
     results = run_dir / "results.h5"
-    iterations = 30  # enough to outlast the live plot below on a loaded machine
-    proc = start_job(2, run_dir, ["es.population=16", f"run.iterations={iterations}"])
+    # long enough for several polls and the live plot, on a loaded machine too (16 pairs x 12
+    # iterations once finished before the reader saw three live row counts)
+    iterations = 30
+    proc = start_job(2, run_dir, ["es.population=48", f"run.iterations={iterations}"])
     from es_mpi import inspect
     live_plot = tmp_path / "live.png"
     seen, polls, snapshots = [], 0, []

@@ -338,6 +338,102 @@ class EmbedWeights(NamedTuple):
                    m.predict_action.weight, m.predict_action.bias)
 
 
+class DropoutWindow:
+    """The window through the GPT blocks with dropout active (`policy.dropout` > 0, inference
+    `window`) without the module machinery, bitwise equal to `GPT.forward` on the window for
+    the shipped job (tests/test_dt.py): the same ATen ops on the same shapes and strides in
+    the same order, so every product sums in the same order and the generator draws the
+    same masks. What it saves:
+      - the modules' per-call Python (module calls, the dropout function, the causal mask
+        rebuilt every step and negated in every block);
+      - the step's masks drawn by one torch.rand call and compared once (the CPU generator
+        hands out one 32-bit draw per value in order, so one draw of the concatenated sizes
+        is the sequence of per-site draws);
+      - in the last block, everything after the keys and values runs on the newest LAST_ROWS
+        tokens alone: only the newest state token's output is read, its masks are the same
+        rows of the full draws, and MKL computes each row of a product of >= 4 rows the same
+        way whatever the row count (not so for 1-3 rows: a different kernel), as tested for
+        every window length;
+      - the final LayerNorm on the newest token alone (a row-wise op).
+    Masks are rand >= p applied as x * keep / (1 - p), as in `dropout`."""
+
+    LAST_ROWS = 8
+
+    def __init__(self, gpt: GPT):
+        self.p, self.keep_div = gpt.cfg.dropout, 1.0 - gpt.cfg.dropout
+        self.blocks = [_BlockArgs.of(blk) for blk in gpt.h]
+        self.ln_f = _ln_args(gpt.ln_f)
+        self._masked: dict[int, torch.Tensor] = {}  # n -> positions a token may NOT attend
+
+    def _keep(self, n: int, C: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """The step's dropout masks in the modules' order of draws: input (n, C), then per
+        block attention weights (1, H, n, n) and the two residual branches (n, C)."""
+        shapes = [(n, C)]
+        for b in self.blocks:
+            shapes += [(1, b.n_head, n, n), (n, C), (n, C)]
+        sizes = [math.prod(shape) for shape in shapes]
+        keep = torch.rand(sum(sizes), generator=generator) >= self.p
+        return [k.view(shape) for k, shape in zip(keep.split(sizes), shapes)]
+
+    def __call__(self, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """tokens (n, C), the window's transformer input -> ln_f of the newest token (C,)."""
+        n, C = tokens.shape
+        if n not in self._masked:
+            self._masked[n] = ~trajectory_mask(n)
+        keep = iter(self._keep(n, C, generator))
+        x = tokens.mul(next(keep)).div_(self.keep_div)
+        for i, b in enumerate(self.blocks):
+            r = max(n - self.LAST_ROWS, 0) if i == len(self.blocks) - 1 else 0  # first row out
+            att_keep, keep_1, keep_2 = next(keep), next(keep)[r:], next(keep)[r:]
+            a = self._attention(b, x, self._masked[n][r:], att_keep[:, :, r:], r)
+            x = a.mul_(keep_1).div_(self.keep_div).add_(x[r:])  # a + x == x + a, bitwise
+            h = b.act(torch.addmm(b.b_fc, torch.layer_norm(x, *b.ln_2), b.w_fc))
+            x = torch.addmm(b.b_fc2, h, b.w_fc2).mul_(keep_2).div_(self.keep_div).add_(x)
+        return torch.layer_norm(x[-1:], *self.ln_f)[0]
+
+    def _attention(self, b: "_BlockArgs", x: torch.Tensor, masked: torch.Tensor,
+                   att_keep: torch.Tensor, r: int) -> torch.Tensor:
+        """c_proj(attention) of the queries of rows r.. over all keys/values, before its
+        residual dropout; the views have the modules' shapes and strides."""
+        n, C = x.shape
+        qkv = torch.addmm(b.b_attn, torch.layer_norm(x, *b.ln_1), b.w_attn)  # (n, 3C)
+        q, k, v = (z.view(1, n, b.n_head, C // b.n_head).transpose(1, 2)
+                   for z in qkv.view(1, n, 3 * C).split(C, dim=2))
+        att = torch.matmul(q[:, :, r:], k.transpose(-2, -1)).div_(b.sqrt_hd)
+        att = torch.softmax(att.masked_fill_(masked, float("-inf")), dim=-1)
+        y = torch.matmul(att.mul_(att_keep).div_(self.keep_div), v)
+        y = y.transpose(1, 2).reshape(n - r, C)  # a view for one head, a copy for several
+        return torch.addmm(b.b_proj, y, b.w_proj)
+
+
+class _BlockArgs(NamedTuple):
+    """One Block's parameters as plain tensors (views, (in, out) transposes as nn.Linear
+    passes them to addmm), for DropoutWindow."""
+
+    ln_1: tuple
+    w_attn: torch.Tensor
+    b_attn: torch.Tensor
+    w_proj: torch.Tensor
+    b_proj: torch.Tensor
+    ln_2: tuple
+    w_fc: torch.Tensor
+    b_fc: torch.Tensor
+    w_fc2: torch.Tensor
+    b_fc2: torch.Tensor
+    act: object
+    n_head: int
+    sqrt_hd: float
+
+    @classmethod
+    def of(cls, blk: Block) -> "_BlockArgs":
+        a, m = blk.attn, blk.mlp
+        act = torch.relu_ if m.act is F.relu else m.act  # in place: the same values
+        return cls(_ln_args(blk.ln_1), a.c_attn.weight.t(), a.c_attn.bias, a.c_proj.weight.t(),
+                   a.c_proj.bias, _ln_args(blk.ln_2), m.c_fc.weight.t(), m.c_fc.bias,
+                   m.c_proj.weight.t(), m.c_proj.bias, act, a.n_head,
+                   math.sqrt(a.c_attn.in_features // a.n_head))
+
+
 class Ring:
     """Timesteps [start, start+len) of an episode in arrays of 2*keep rows, so the live window
     is always a contiguous view; when the end is reached the live rows move to the front
@@ -369,6 +465,75 @@ class Ring:
         self.len -= 1
 
 
+class ModuleTokens:
+    """Embeds a timestep's tokens into the policy's token buffer through the model's own
+    per-token functions (return_token, state_token, action_token): any DT model."""
+
+    def __init__(self, model: nn.Module, tok: torch.Tensor, states: torch.Tensor,
+                 actions: torch.Tensor):
+        self.model, self.tok, self.states, self.actions = model, tok, states, actions
+
+    def state(self, slot: int, rtg: float, t: int) -> None:
+        """Tokens R̂_t, s_t (rows 3 slot, 3 slot + 1) from the recorded return and state."""
+        self.tok[3 * slot] = self.model.return_token(rtg, t)
+        self.tok[3 * slot + 1] = self.model.state_token(self.states[slot], t)
+
+    def action(self, slot: int, t: int) -> None:
+        """Token a_t (row 3 slot + 2) from the recorded action."""
+        self.tok[3 * slot + 2] = self.model.action_token(self.actions[slot], t)
+
+
+class LeanTokens(ModuleTokens):
+    """The vector DT's tokens by the same ops as DecisionTransformer.return_token /
+    state_token / action_token (the same bits), written into preallocated rows, R̂_t and s_t
+    through one LayerNorm, with the weights and the buffers' row views looked up once: a
+    step's embedding costs a dozen torch calls instead of ~30 calls and module lookups."""
+
+    def __init__(self, model: "DecisionTransformer", tok: torch.Tensor, states: torch.Tensor,
+                 actions: torch.Tensor):
+        super().__init__(model, tok, states, actions)
+        m, C = model, tok.shape[1]
+        self.time, self.last = m.embed_timestep.weight, m.max_ep_len - 1
+        self.w_return, self.b_return = m.embed_return.weight[:, 0], m.embed_return.bias
+        self.w_state, self.b_state = m.embed_state.weight.t(), m.embed_state.bias  # F.linear's
+        self.table = isinstance(m.embed_action, nn.Embedding)
+        self.w_action = m.embed_action.weight if self.table else m.embed_action.weight.t()
+        self.b_action = None if self.table else m.embed_action.bias
+        self.ln = _ln_args(m.embed_ln)
+        self.pre = torch.zeros(2, C)  # R̂_t, s_t before LayerNorm
+        self.pre_r, self.pre_s, self.pre_a = self.pre[0], self.pre[1:], torch.zeros(1, C)
+        rows = range(states.shape[0])
+        self.state_rows = [states[i: i + 1] for i in rows]  # views, made once
+        self.action_rows = [actions[i: i + 1] for i in rows]
+        self.rs_rows = [tok[3 * i: 3 * i + 2] for i in rows]
+        self.a_rows = [tok[3 * i + 2: 3 * i + 3] for i in rows]
+
+    def state(self, slot: int, rtg: float, t: int) -> None:
+        torch.mul(self.w_return, rtg, out=self.pre_r).add_(self.b_return)
+        torch.addmm(self.b_state, self.state_rows[slot], self.w_state, out=self.pre_s)
+        self.pre.add_(self.time[min(t, self.last)])
+        self.rs_rows[slot].copy_(torch.layer_norm(self.pre, *self.ln))
+
+    def action(self, slot: int, t: int) -> None:
+        a, time = self.action_rows[slot], self.time[min(t, self.last)]
+        if self.table:
+            torch.add(self.w_action[int(a)], time, out=self.pre_a[0])
+        else:
+            torch.addmm(self.b_action, a, self.w_action, out=self.pre_a).add_(time)
+        self.a_rows[slot].copy_(torch.layer_norm(self.pre_a, *self.ln))
+
+
+class _Episode:
+    """The per-episode scalars of a DTPolicy, in a plain object: nn.Module's __setattr__
+    costs ~2 us a write, several times a step."""
+
+    def __init__(self, rtg: float):
+        self.rtg = rtg  # current return-to-go, scaled
+        self.t = 0  # episode timestep
+        self.pending_action = False  # kv_cache: a_{t-1} still to run through the blocks
+        self.last_output: torch.Tensor | None = None  # raw action output of the last act()
+
+
 # ----------------------------------------------------------------------------- the policy
 
 class DTPolicy(FlatPolicy):
@@ -390,6 +555,7 @@ class DTPolicy(FlatPolicy):
         self.context, self.rtg_scale, self.target_return = context, rtg_scale, target_return
         self.inference = inference
         self.finalize()
+        self._dropout_window = DropoutWindow(model.transformer) if self.dropout else None
         self._frames = obs_uint8
         self._build_buffers(obs_shape, torch.uint8 if obs_uint8 else torch.float32)
         self.reset()
@@ -417,6 +583,9 @@ class DTPolicy(FlatPolicy):
             self._tok = ring.add(torch.zeros(3 * cap, C), 3)  # embedded tokens
             if self.model.position_free:
                 self._qkv0 = ring.add(torch.zeros(3 * cap, 3 * C), 3)  # block 0's q, k, v
+            lean = isinstance(self.model, DecisionTransformer)
+            self._tokens = (LeanTokens if lean else ModuleTokens)(
+                self.model, self._tok, self._states, self._actions)
         self._masks: dict = {}
         self._packed: tuple | None = None
 
@@ -424,18 +593,30 @@ class DTPolicy(FlatPolicy):
     def reset(self, target_return: float | None = None, seed: int | None = None) -> None:
         super().reset(target_return, seed)
         target = self.target_return if target_return is None else target_return
-        self._rtg_now = float(target) * self.rtg_scale
-        self._t = 0
-        self._pending_action = False  # kv_cache: a_{t-1} still to run through the blocks
+        self._ep = _Episode(float(target) * self.rtg_scale)
         self.ring.reset()
 
     def observe(self, reward: float) -> None:
-        self._rtg_now -= float(reward) * self.rtg_scale
-        self._t += 1
+        ep = self._ep
+        ep.rtg -= float(reward) * self.rtg_scale
+        ep.t += 1
+
+    @property
+    def _rtg_now(self) -> float:
+        return self._ep.rtg
+
+    @property
+    def _t(self) -> int:
+        return self._ep.t
+
+    @property
+    def last_output(self) -> torch.Tensor:
+        """The last act()'s raw action output (pre-squash / logits), for tests and tools."""
+        return self._ep.last_output
 
     @torch.inference_mode()
     def act(self, obs: np.ndarray):
-        ring = self.ring
+        ring, ep = self.ring, self._ep
         if self.inference != "kv_cache" and ring.len == self.context:
             ring.drop()
         slot = ring.push()
@@ -443,20 +624,18 @@ class DTPolicy(FlatPolicy):
         if self.inference == "kv_cache":
             out = self._kv_step(slot)
         else:
-            m, t = self.model, self._t
-            self._tok[3 * slot] = m.return_token(self._rtg_now, t)
-            self._tok[3 * slot + 1] = m.state_token(self._states[slot], t)
+            self._tokens.state(slot, ep.rtg, ep.t)
             if self.inference == "full":
                 out = self.full_forward()
             elif self.dropout:
-                out = self._window_step_modules(slot)
+                out = self._window_step_dropout(slot)
             else:
                 out = self._window_step(slot)
-        self.last_output = out  # raw action output (pre-squash / logits), for tests and tools
+        ep.last_output = out
         action = self.head(out, self.generator)
         self._np["_actions"][slot] = action
         self._embed_action(slot)
-        self._pending_action = True
+        ep.pending_action = True
         return action
 
     def _record(self, slot: int, obs: np.ndarray) -> None:
@@ -464,15 +643,16 @@ class DTPolicy(FlatPolicy):
         if self._frames and np.asarray(obs).dtype != np.uint8:
             raise ValueError("the image DT takes raw uint8 frames (it scales them itself); "
                              "set env.normalize_obs: false")
-        self._np["_rtg"][slot] = self._rtg_now
-        self._np["_states"][slot] = np.reshape(obs, self._np["_states"].shape[1:])
-        self._np["_actions"][slot] = 0
-        self._np["_timesteps"][slot] = self._t
+        raw, ep = self._np, self._ep
+        raw["_rtg"][slot] = ep.rtg
+        raw["_states"][slot] = np.reshape(obs, raw["_states"].shape[1:])
+        raw["_actions"][slot] = 0
+        raw["_timesteps"][slot] = ep.t
 
     def _embed_action(self, slot: int) -> None:
-        a, t = self._actions[slot], self._t
+        t = self._ep.t
         if self.inference == "kv_cache":  # pre-LayerNorm; a_t runs through the blocks next step
-            e = self._packed[1]
+            a, e = self._actions[slot], self._packed[1]
             row = self._pre[0]
             if e.b_action is None:
                 torch.add(e.w_action[int(a)], e.time[min(t, len(e.time) - 1)], out=row)
@@ -480,7 +660,7 @@ class DTPolicy(FlatPolicy):
                 torch.addmv(e.b_action, e.w_action, a, out=row)
                 row += e.time[min(t, len(e.time) - 1)]
             return
-        self._tok[3 * slot + 2] = self.model.action_token(a, t)
+        self._tokens.action(slot, t)
         if self.inference == "window" and self.model.position_free and not self.dropout:
             rows = slice(3 * slot, 3 * slot + 3)
             self._qkv0[rows] = self._block0_qkv(self._tok[rows])
@@ -501,6 +681,12 @@ class DTPolicy(FlatPolicy):
         x = self.model.window_input(self._tok[lo:hi], self._t)[None]
         h = self.model.transformer(x, trajectory_mask(hi - lo), self.generator)
         return self.model.action_output(h[0, -1])
+
+    def _window_step_dropout(self, slot: int) -> torch.Tensor:
+        """`_window_step_modules` without the modules (DropoutWindow): the same bits."""
+        lo, hi = 3 * self.ring.start, 3 * slot + 2
+        x = self.model.window_input(self._tok[lo:hi], self._t)
+        return self.model.action_output(self._dropout_window(x, self.generator))
 
     # --- packed weights for the per-step paths
     def _theta_changed(self) -> None:
@@ -548,12 +734,13 @@ class DTPolicy(FlatPolicy):
 
     # --- streaming K/V cache path
     def _kv_step(self, slot: int) -> torch.Tensor:
-        ring, t = self.ring, self._t
+        ring, ep = self.ring, self._ep
+        t = ep.t
         layers, e = self._pack()
         C = e.time.shape[1]
         # tokens R̂_t, s_t (and a_{t-1}, embedded at the end of the last step) before LayerNorm
-        pre = self._pre if self._pending_action else self._pre[1:]
-        torch.add(e.b_return, e.w_return, alpha=self._rtg_now, out=self._pre[1])
+        pre = self._pre if ep.pending_action else self._pre[1:]
+        torch.add(e.b_return, e.w_return, alpha=ep.rtg, out=self._pre[1])
         torch.addmv(e.b_state, e.w_state, self._states[slot], out=self._pre[2])
         self._pre[1:] += e.time[min(t, len(e.time) - 1)]
         x = torch.layer_norm(pre, *e.ln)
@@ -571,7 +758,7 @@ class DTPolicy(FlatPolicy):
                 kv = self._qkv[i][lo:hi]
                 x = w.attn(x, qkv[:, :C], kv[:, C:2 * C], kv[:, 2 * C:], mask)
             x = w.mlp(x)
-        self._pending_action = False
+        ep.pending_action = False
         if ring.len == self.context + 1:
             ring.drop()
         return torch.addmv(e.b_out, e.w_out, torch.layer_norm(x[0], *e.ln_f))
