@@ -9,7 +9,7 @@ raw loop   the training path's own episodes (its current theta +- sigma eps_j, r
            of the policy: for the MLP both its own act() (torch, the lean path) and a NumPy
            forward are timed and the faster counts; for the DT its act() (with the job's
            dropout). No ES bookkeeping, no per-step normalisation, no wrappers.
-training   real ES iterations through `es_mpi.run.run_iteration` (perturbation, normalisation,
+training   real ES iterations through `es_mpi.iteration.run_iteration` (perturbation, normalisation,
            rollouts, Allgatherv, noise sum and update), small population, no evaluation
            episodes; steps are this rank's share of the iteration's env steps.
 The loops run in alternating rounds in one process per rank, so drifting load hits them
@@ -118,9 +118,26 @@ class RawLoop:
         w.mul_(inv_std)
         b.sub_(torch.mv(w, mean))
 
+    def clipped(self, act):
+        """act() on the observation normalised and clipped (Salimans et al.'s policy does
+        both in its forward), into one buffer."""
+        from es_mpi.rollout import make_normalizer
+
+        normalize = make_normalizer(self.es.cfg.env, self.es.state.obs_stats)
+        buf = np.empty(self.env.observation_space.shape, np.float32)
+        return lambda obs: act(normalize(obs, buf))
+
+    def action_noise(self, seed: int) -> np.random.Generator | None:
+        """The episode's action-noise generator when the job adds noise to its actions."""
+        self.std = np.float32(self.es.cfg.policy.action_noise_std)
+        return np.random.default_rng(seed) if self.std > 0 else None
+
     def run(self, seconds: float) -> tuple[int, float]:
         env, policy, act, theta = self.env, self.policy, self.act, self.es.state.theta
-        sigma, fold = self.es.cfg.es.sigma, self.es.cfg.env.normalize_obs
+        sigma, env_cfg = self.es.cfg.es.sigma, self.es.cfg.env
+        fold = env_cfg.normalize_obs and env_cfg.obs_clip is None
+        if env_cfg.normalize_obs and not fold:  # a clip cannot be folded: part of the policy
+            act = self.clipped(act)
         steps, start, self.draw = 0, time.perf_counter(), 0
         for eps, sign, seed, cap in self.episodes():
             if time.perf_counter() - start >= seconds:
@@ -130,8 +147,12 @@ class RawLoop:
                 self.fold_normalisation()
             obs, _ = env.reset(seed=seed)
             policy.reset(seed=seed)  # the DT's return-to-go and dropout generator
+            noise = self.action_noise(seed)
             for _ in range(min(cap, self.limit)):
-                obs, reward, term, trunc, _ = env.step(act(obs))
+                action = act(obs)
+                if noise is not None:  # Salimans et al.'s N(0, 0.01^2) on every action
+                    action = action + noise.standard_normal(action.shape, np.float32) * self.std
+                obs, reward, term, trunc, _ = env.step(action)
                 policy.observe(float(reward))
                 steps += 1
                 if term or trunc:
