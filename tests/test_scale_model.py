@@ -99,3 +99,22 @@ def test_one_rank_prediction_is_the_sum_of_its_parts():
         p = sm.predict(shape, costs, FREE, lengths, 1, assignment, "node_split")
         assert p.rollout == pytest.approx(26.0) and p.rollout_idle == 0.0
         assert p.exchange == 0.0 and p.ideal_rollout == pytest.approx(26.0 + 6.0)
+
+
+def test_predict_from_the_shipped_inputs(tmp_path):
+    """bench/scale_model.py predicts from docs/scale_model_inputs.json: every variant at every
+    rank count, the targets judged, the plot written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    png = tmp_path / "scale.png"
+    out = subprocess.run(
+        [sys.executable, "bench/scale_model.py", "predict", "--samples", "1",
+         "--jobs", "humanoid_dt,humanoid_openai", "--plot", str(png)],
+        cwd=repo, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "| 1440 |" in out and "dynamic + node_split" in out
+    targets = [line for line in out.splitlines() if "(target <=" in line]
+    assert len(targets) == 4, out
+    assert png.stat().st_size > 10_000
