@@ -56,19 +56,17 @@ class TrainingPath:
         prepare_vbn(cfg, comm, self.rt, state)
         self.state, _ = run_iteration(cfg, comm, self.rt, state)  # warm-up: no cap yet
         self.rows = []
-        self.lengths = self.state.prev_lengths  # of the latest iteration's episodes
 
     def run(self, seconds: float) -> tuple[int, float]:
         """(this rank's share of all env steps, seconds)."""
         from es_mpi import comm as mpi
+        from es_mpi.iteration import n_eval_items
 
-        steps, start, n_eval = 0, time.perf_counter(), self.cfg.es.eval_episodes
+        steps, start, n_eval = 0, time.perf_counter(), n_eval_items(self.cfg)
         while True:
             before = self.state.timesteps
             self.state, row = self.step(self.cfg, self.comm, self.rt, self.state)
             self.rows.append(row)
-            evals = np.full(n_eval, int(round(row.eval_length)) if n_eval else 0)
-            self.lengths = np.concatenate([evals, self.state.prev_lengths])
             steps += self.state.timesteps - before + (row.eval_length * n_eval if n_eval else 0)
             if mpi.any_rank(self.comm, time.perf_counter() - start >= seconds):
                 break

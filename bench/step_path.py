@@ -92,6 +92,7 @@ class RawLoop:
         self.act = numpy_forward(self.policy) if forward == "numpy" else self.policy.act
         net = self.policy.model.embed_state if cfg.policy.kind == "dt" else self.policy.net[0]
         self.first = (net.weight, net.bias)
+        self.std = np.float32(cfg.policy.action_noise_std)  # N(0, std^2) on every action
         self.draw = 0
 
     def episodes(self):
@@ -129,7 +130,6 @@ class RawLoop:
 
     def action_noise(self, seed: int) -> np.random.Generator | None:
         """The episode's action-noise generator when the job adds noise to its actions."""
-        self.std = np.float32(self.es.cfg.policy.action_noise_std)
         return np.random.default_rng(seed) if self.std > 0 else None
 
     def run(self, seconds: float) -> tuple[int, float]:

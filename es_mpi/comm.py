@@ -156,38 +156,67 @@ def shared_noise_table(comm: MPI.Comm, size: int, noise_seed: int) -> SharedTabl
 
 @dataclass
 class NodeSum:
-    """A float64 vector in a node-shared window: the node's ranks each write a range of
-    coordinates, then every rank reads all of them."""
+    """A float64 vector in a node-shared window that the ranks fill in ranges of coordinates,
+    then every rank reads all of it.
+
+    node_split: the node's ranks split [0, dim) among themselves; every node computes the
+    whole vector. world_split: the nodes first split [0, dim) into one contiguous block each,
+    the node's ranks split their block, and one rank per node (the leaders) exchange the blocks
+    with an in-place Allgatherv into the window. Each coordinate is computed whole by one rank
+    either way, so the vector's bits do not depend on the split.
+    """
 
     array: np.ndarray
     window: MPI.Win
     node_comm: MPI.Comm
+    leaders: MPI.Comm | None = None  # world_split: node rank 0 of every node (else None)
+    block: tuple[int, int] = (0, 0)  # this node's coordinates [lo, hi)
+    blocks: np.ndarray | None = None  # world_split: every node's (lo, hi), in leader order
 
     @classmethod
-    def allocate(cls, comm: MPI.Comm, dim: int) -> "NodeSum":
+    def allocate(cls, comm: MPI.Comm, dim: int, across_nodes: bool = False) -> "NodeSum":
         node = node_comm(comm)
         win, array = _allocate_shared(node, dim, np.float64)
-        return cls(array, win, node)
+        if not across_nodes:
+            return cls(array, win, node, None, (0, dim))
+        leader = node.Get_rank() == 0
+        leaders = comm.Split(0 if leader else MPI.UNDEFINED, key=comm.Get_rank())
+        index, n_nodes = node.bcast((leaders.Get_rank(), leaders.Get_size()) if leader else None)
+        blocks = np.array([split_range(dim, n_nodes, i) for i in range(n_nodes)], np.int64)
+        return cls(array, win, node, leaders if leader else None, tuple(blocks[index]), blocks)
 
     def my_range(self) -> tuple[int, int]:
-        return split_range(self.array.size, self.node_comm.Get_size(), self.node_comm.Get_rank())
+        lo, hi = self.block
+        a, b = split_range(hi - lo, self.node_comm.Get_size(), self.node_comm.Get_rank())
+        return lo + a, lo + b
 
     def combine(self, fill) -> np.ndarray:
-        """fill(lo, hi) -> values of coordinates [lo, hi) on each node rank; returns a private
+        """fill(lo, hi) -> values of coordinates [lo, hi) on each rank; returns a private
         copy of the whole vector on every rank. The next write to the window comes after the
         caller's next world collective, which every rank reaches only after its copy."""
         lo, hi = self.my_range()
         self.window.Lock_all()
         self.array[lo:hi] = fill(lo, hi)
-        self.window.Sync()  # publish this rank's range, wait for the node, see the others'
-        self.node_comm.Barrier()
-        self.window.Sync()
+        self._node_sync()  # the node's block is complete and visible on the node
+        if self.blocks is not None:
+            if self.leaders is not None:
+                counts = self.blocks[:, 1] - self.blocks[:, 0]
+                self.leaders.Allgatherv(MPI.IN_PLACE,
+                                        [self.array, counts, self.blocks[:, 0], MPI.DOUBLE])
+            self._node_sync()  # the other nodes' blocks, written by the leader, are visible
         self.window.Unlock_all()
         return self.array.copy()
+
+    def _node_sync(self) -> None:
+        self.window.Sync()  # publish this rank's writes, wait for the node, see the others'
+        self.node_comm.Barrier()
+        self.window.Sync()
 
     def free(self) -> None:
         self.window.Free()
         self.node_comm.Free()
+        if self.leaders is not None:
+            self.leaders.Free()
 
 
 class WorkCounter:

@@ -136,10 +136,13 @@ class RunConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
     verify_every: int = 1  # compare a hash of theta across ranks every this many iterations
     torch_threads: int = 1  # torch intra-op threads per rank
-    # the noise sum of the update: node_split = the ranks of a node each sum a range of the
-    # coordinates into a node-shared vector; every_rank = each rank sums all of them. Both give
-    # the same bits (each coordinate is summed in order of j); node_split is faster
-    update: Literal["node_split", "every_rank"] = "node_split"
+    # the noise sum of the update: world_split = every rank sums a range of the coordinates
+    # (each node a block, its ranks a part of it) and the nodes exchange their blocks (one
+    # Allgatherv of d float64 between one rank per node); node_split = the ranks of a node
+    # split the coordinates and every node sums all of them; every_rank = each rank sums all
+    # of them. All give the same bits (each coordinate is summed in order of j); on one node
+    # world_split and node_split are the same, on many world_split reads 1/nodes of the table
+    update: Literal["world_split", "node_split", "every_rank"] = "world_split"
     # which episodes a rank runs: dynamic = ranks take chunks of episodes from a shared counter
     # (MPI_Fetch_and_op), shrinking as the pool empties, evaluation episodes first; static = a
     # fixed block of pairs per rank. Both give the same bits (results are keyed by episode)

@@ -238,7 +238,8 @@ class Step:
 
 def noise_sum(cfg: JobConfig, rt, offsets: np.ndarray, weights: np.ndarray, dim: int) -> np.ndarray:
     """sum_j w_j eps_j in float64, in order of j: by this rank alone (run.update every_rank)
-    or by the node's ranks, each a range of coordinates (node_split): the same bits."""
+    or each rank a range of coordinates (node_split: of the node's vector; world_split: of
+    the world's, the nodes then exchange their blocks): the same bits."""
     table = rt.noise.table
     if rt.node_sum is None:
         return es.weighted_noise_sum(table, offsets, weights, 0, dim)

@@ -1,7 +1,6 @@
 """results.h5: one row per iteration in 1-D datasets under `iterations/` (rank 0 writes)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -13,7 +13,6 @@ pin_cpu_kernels()  # one thread per rank, same kernels on every node: before num
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from .config import ConfigError, JobConfig, load_job  # noqa: E402
 from .iteration import run_iteration  # noqa: E402

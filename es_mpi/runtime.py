@@ -25,7 +25,7 @@ class Runtime:
     episode_limit: int  # the env's own step limit (evaluation episodes run up to it)
     obs_shape: tuple
     assignment: object  # iteration.ASSIGNMENTS[run.assignment]: which episodes this rank runs
-    node_sum: object = None  # comm.NodeSum for run.update node_split, else None
+    node_sum: object = None  # comm.NodeSum for run.update world_split/node_split, else None
 
     def free(self) -> None:
         """Collective: release the MPI windows (the counter, the node sum, the noise table)."""
@@ -106,8 +106,8 @@ def build_runtime(cfg: JobConfig, comm, env=None, policy=None) -> Runtime:
         env, policy = build_env_and_policy(cfg)
     warn_if_mixed_kernels(comm)
     shared = mpi.shared_noise_table(comm, cfg.es.noise_table_size, cfg.es.noise_seed)
-    node_sum = (mpi.NodeSum.allocate(comm, policy.num_params)
-                if cfg.run.update == "node_split" else None)
+    node_sum = (None if cfg.run.update == "every_rank" else mpi.NodeSum.allocate(
+        comm, policy.num_params, across_nodes=cfg.run.update == "world_split"))
     return Runtime(env, policy, shared, episode_limit(env), env.observation_space.shape,
                    ASSIGNMENTS[cfg.run.assignment](comm), node_sum)
 

@@ -15,9 +15,11 @@
   per-episode rows, the observation statistics, the ranks' busy seconds) plus the measured
   local work per episode (sorting and splitting the rows).
 - update: the noise sum sum_j w_j eps_j, N x d multiply-adds at the measured seconds per
-  coordinate per eps, divided among the node's ranks (node_split) or done by each (every_rank),
-  but never faster than the node's memory can deliver the N x d x 4 bytes it reads (x ranks
-  per node for every_rank); plus shaping (per pair) and the optimiser step (per coordinate).
+  coordinate per eps, divided among all ranks (world_split: each node a 1/nodes block of the
+  coordinates, then an Allgatherv of d float64 between one rank per node), among the node's
+  ranks (node_split) or done by each (every_rank), but never faster than the node's memory can
+  deliver the bytes it reads (N x d x 4 / nodes, N x d x 4, and x ranks per node for
+  every_rank); plus shaping (per pair) and the optimiser step (per coordinate).
 """
 from __future__ import annotations
 
@@ -179,21 +181,32 @@ def loop_seconds(shape: JobShape, costs: JobCosts, fabric: Fabric, ranks: int) -
 
 
 # ----------------------------------------------------------------------------- update
-def _node_split_sum(cost: UpdateCost, work: float, per_node: int) -> float:
+def _world_split_sum(cost: UpdateCost, work: float, per_node: int, nodes: int) -> float:
+    return _node_split_sum(cost, work / nodes, per_node, 1)
+
+
+def _node_split_sum(cost: UpdateCost, work: float, per_node: int, nodes: int) -> float:
     return work * max(cost.coord_eps / per_node, 4.0 / cost.node_bandwidth)
 
 
-def _every_rank_sum(cost: UpdateCost, work: float, per_node: int) -> float:
+def _every_rank_sum(cost: UpdateCost, work: float, per_node: int, nodes: int) -> float:
     return work * max(cost.coord_eps, 4.0 * per_node / cost.node_bandwidth)
 
 
-# run.update -> (cost, N x d, ranks on a node) -> seconds of the noise sum
-NOISE_SUM = {"node_split": _node_split_sum, "every_rank": _every_rank_sum}
+# run.update -> (cost, N x d, ranks on a node, nodes) -> seconds of the noise sum
+NOISE_SUM = {"world_split": _world_split_sum, "node_split": _node_split_sum,
+             "every_rank": _every_rank_sum}
 
 
-def update_seconds(shape: JobShape, cost: UpdateCost, mode: str, per_node: int) -> float:
-    total = NOISE_SUM[mode](cost, float(shape.n_pairs) * shape.dim, per_node)
-    copy = cost.split_copy * shape.dim if mode == "node_split" else 0.0
+def update_seconds(shape: JobShape, cost: UpdateCost, mode: str, per_node: int,
+                   nodes: int = 1, link: Link | None = None) -> float:
+    """The update stage: the noise sum, the node's vector copied out of the shared window
+    (world_split: after one rank per node exchanged the blocks, an Allgatherv of d float64
+    over `link`), shaping and the optimiser step."""
+    total = NOISE_SUM[mode](cost, float(shape.n_pairs) * shape.dim, per_node, nodes)
+    copy = cost.split_copy * shape.dim if mode != "every_rank" else 0.0
+    if mode == "world_split" and nodes > 1:
+        copy += allgather_seconds(link, nodes, 8.0 * shape.dim)
     return total + copy + cost.per_pair * shape.n_pairs + cost.per_coord * shape.dim
 
 
@@ -264,7 +277,8 @@ class Prediction:
     update: float
     loop: float  # outside iteration_seconds: checks and rank 0's writes
     rollout_idle: float
-    ideal_rollout: float  # all episode seconds / P + the longest episode
+    ideal_rollout: float  # all episode seconds / P + the longest episode (the issue's "ideal")
+    lower_bound: float  # max(all episode seconds / P, the longest episode): no schedule beats it
 
     @property
     def iteration(self) -> float:
@@ -283,12 +297,14 @@ def predict(shape: JobShape, costs: JobCosts, fabric: Fabric, item_lengths: np.n
     seconds = costs.episode.seconds(item_lengths)
     busy = ROLLOUT[assignment](seconds, shape, fabric, ranks)
     per_node = min(ranks, fabric.ranks_per_node)
+    nodes = -(-ranks // fabric.ranks_per_node)
     return Prediction(
         ranks=ranks, plan=costs.plan_per_pair * shape.n_pairs, rollout=float(busy.max()),
         exchange=exchange_seconds(shape, costs, fabric, ranks),
-        update=update_seconds(shape, costs.update, update, per_node),
+        update=update_seconds(shape, costs.update, update, per_node, nodes, fabric.inter),
         loop=loop_seconds(shape, costs, fabric, ranks), rollout_idle=idle_share(busy),
-        ideal_rollout=float(seconds.sum() / ranks + seconds.max()))
+        ideal_rollout=float(seconds.sum() / ranks + seconds.max()),
+        lower_bound=float(max(seconds.sum() / ranks, seconds.max())))
 
 
 def mean_prediction(draw: Callable[[np.random.Generator], np.ndarray], samples: int, seed: int,

@@ -13,7 +13,7 @@ from mpi_helpers import REPO, TINY, child_env, mpirun, run_job
 pytestmark = pytest.mark.mpi
 
 
-@pytest.mark.parametrize("n, node_size", [(1, ""), (2, ""), (3, ""), (3, "2"), (2, "1")])
+@pytest.mark.parametrize("n, node_size", [(1, ""), (2, ""), (3, ""), (3, "2"), (2, "1"), (3, "1")])
 def test_comm_primitives(n, node_size):
     proc = mpirun(n, [str(REPO / "tests/mpi_scripts/comm_checks.py")], timeout=90, check=True,
                   env=child_env(ES_MPI_NODE_SIZE=node_size))
@@ -30,13 +30,16 @@ def _final(run_dir):
 
 # (ranks, run.update, run.assignment, pseudo-node size): dynamic (the default) and static work
 # assignment; the node-split sum on one node of 2 and 3 ranks, on pseudo-nodes of 1, 2 (2 + 1
-# ranks) and 3, and the every-rank sum
+# ranks) and 3; the world-split sum (the default) on one node and on pseudo-nodes of 1 and 2;
+# and the every-rank sum
 LAYOUTS = {
     "n1": (1, "node_split", "dynamic", ""), "n2": (2, "node_split", "dynamic", ""),
     "n3": (3, "node_split", "dynamic", ""), "n3_nodes_of_1": (3, "node_split", "dynamic", "1"),
     "n3_nodes_of_2": (3, "node_split", "dynamic", "2"), "n3_nodes_of_3": (3, "node_split", "dynamic", "3"),
     "n2_static": (2, "node_split", "static", ""), "n3_static_nodes_of_2": (3, "node_split", "static", "2"),
     "n1_static": (1, "node_split", "static", ""), "n2_every_rank": (2, "every_rank", "dynamic", ""),
+    "n3_world_nodes_of_1": (3, "world_split", "dynamic", "1"),
+    "n3_world_nodes_of_2": (3, "world_split", "static", "2"), "n2_world": (2, "world_split", "dynamic", ""),
 }
 
 

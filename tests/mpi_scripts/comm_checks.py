@@ -45,15 +45,22 @@ def check_shared_table(comm):
 
 
 def check_node_sum(comm):
-    """Each node rank fills its range; every rank reads the whole vector, twice in a row."""
+    """Each rank fills its range (of the node's vector, or with across_nodes of the world's,
+    the nodes exchanging their blocks); every rank reads the whole vector, twice in a row; a
+    vector shorter than the rank count leaves some ranges empty."""
     k = int(os.environ.get(mpi.NODE_SIZE_VAR) or comm.size)
-    node_sum = mpi.NodeSum.allocate(comm, 1001)
-    assert node_sum.node_comm.size == min(k, comm.size - (comm.rank // k) * k)
-    for scale in (1.0, -2.0):
-        out = node_sum.combine(lambda lo, hi: np.arange(lo, hi) * scale)
-        assert np.array_equal(out, np.arange(1001) * scale)
-        comm.Barrier()  # the iteration's world collective between two combines
-    node_sum.free()
+    for across_nodes in (False, True):
+        for dim in (1001, 2):
+            node_sum = mpi.NodeSum.allocate(comm, dim, across_nodes)
+            assert node_sum.node_comm.size == min(k, comm.size - (comm.rank // k) * k)
+            filled = comm.allreduce(np.diff(node_sum.my_range())[0])
+            n_nodes = -(-comm.size // k)
+            assert filled == dim * (1 if across_nodes else n_nodes)
+            for scale in (1.0, -2.0):
+                out = node_sum.combine(lambda lo, hi: np.arange(lo, hi) * scale)
+                assert np.array_equal(out, np.arange(dim) * scale)
+                comm.Barrier()  # the iteration's world collective between two combines
+            node_sum.free()
 
 
 def check_work_counter(comm):
