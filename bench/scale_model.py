@@ -488,36 +488,30 @@ def progress(comm, items, what: str):
 
 # ----------------------------------------------------------------------------- check
 class RealRun:
-    """Real iterations of a shrunk job (after `warmup` iterations: the first has no episode
-    cap and no statistics, and the process's memory grows for a few more), each recorded with
-    its episode lengths in item order (the evaluation episodes at their mean length, which is
-    what the results row keeps)."""
+    """Real iterations of a shrunk job (bench/throughput.py's ESPath, after `warmup`
+    iterations: the first has no episode cap and no statistics, and the process's memory
+    grows for a few more), each recorded with its episode lengths in item order (the
+    evaluation episodes at their mean length, which is what the results row keeps)."""
 
     def __init__(self, comm, cfg, warmup: int):
-        from es_mpi.iteration import run_iteration
-        from es_mpi.runtime import build_runtime, initial_state, prepare_vbn
+        from throughput import ESPath  # bench/throughput.py
 
-        self.comm, self.cfg, self.step_fn = comm, cfg, run_iteration
-        self.rt = build_runtime(cfg, comm)
-        self.state = initial_state(self.rt)
-        prepare_vbn(cfg, comm, self.rt, self.state)
-        for _ in range(warmup):
-            self.state, _ = run_iteration(cfg, comm, self.rt, self.state)
-        self.rows, self.lengths, self.core_share = [], [], []
+        self.comm, self.path = comm, ESPath(cfg, comm, warmup=warmup)
+        self.rt, self.rows = self.path.rt, self.path.rows
+        self.lengths, self.core_share = [], []
         self.shape = job_shape(cfg, self.rt.env, self.rt.policy.num_params)
 
     def step(self) -> None:
         """One iteration; also records the smallest share of a core any rank got during it
         (CPU seconds / wall seconds: a rank waiting in MPI spins, so only a rank the OS or
         the hypervisor took the core from gets less than all of it)."""
-        n_eval = self.shape.n_eval
         wall, cpu = time.perf_counter(), time.process_time()
-        self.state, row = self.step_fn(self.cfg, self.comm, self.rt, self.state)
+        self.path.step()
         share = (time.process_time() - cpu) / (time.perf_counter() - wall)
         self.core_share.append(min(self.comm.allgather(share)))
-        self.rows.append(row)
+        n_eval, row = self.shape.n_eval, self.rows[-1]
         evals = np.full(n_eval, int(round(row.eval_length)) if n_eval else 0, np.int64)
-        self.lengths.append(sm.item_lengths(evals, self.state.prev_lengths))
+        self.lengths.append(sm.item_lengths(evals, self.path.state.prev_lengths))
 
 
 def check_line(name: str, variant: tuple, run: "RealRun", preds: list, ranks: int) -> tuple:

@@ -36,49 +36,19 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from paper_jobs import REPO, shrunk  # noqa: E402
 
 
-class TrainingPath:
-    """Whole iterations of the shrunk job; all ranks stop after the same iteration."""
-
-    def __init__(self, cfg, comm):
-        from es_mpi.iteration import run_iteration
-        from es_mpi.runtime import build_runtime, initial_state, prepare_vbn
-
-        self.cfg, self.comm, self.step = cfg, comm, run_iteration
-        self.rt = build_runtime(cfg, comm)
-        state = initial_state(self.rt)
-        prepare_vbn(cfg, comm, self.rt, state)
-        self.state, _ = run_iteration(cfg, comm, self.rt, state)  # warm-up: no cap yet
-        self.rows = []
-
-    def run(self, seconds: float) -> tuple[int, float]:
-        """(this rank's share of all env steps, seconds)."""
-        from es_mpi import comm as mpi
-        from es_mpi.iteration import n_eval_items
-
-        steps, start, n_eval = 0, time.perf_counter(), n_eval_items(self.cfg)
-        while True:
-            before = self.state.timesteps
-            self.state, row = self.step(self.cfg, self.comm, self.rt, self.state)
-            self.rows.append(row)
-            steps += self.state.timesteps - before + (row.eval_length * n_eval if n_eval else 0)
-            if mpi.any_rank(self.comm, time.perf_counter() - start >= seconds):
-                break
-        return steps / self.comm.Get_size(), time.perf_counter() - start
-
-
 def bench_job(comm, name: str, args) -> dict | None:
     """Alternating rounds of the raw loop and the training path on every rank."""
     from step_path import RawLoop  # bench/step_path.py
+    from throughput import ESPath  # bench/throughput.py
 
     cfg = shrunk(name, comm.Get_size(), args.pairs_per_rank)
-    ours = TrainingPath(cfg, comm)
+    ours = ESPath(cfg, comm)
     raw = RawLoop(ours, "torch")
     rates = np.zeros((args.rounds, 2))  # steps/s this round: raw loop, es_mpi
     share = args.seconds / args.rounds

@@ -32,7 +32,7 @@ from es_mpi import comm as mpi  # noqa: E402
 from es_mpi.config import load_job  # noqa: E402
 from es_mpi.envs import make_env  # noqa: E402
 from es_mpi.policies import make_policy  # noqa: E402
-from es_mpi.iteration import run_iteration  # noqa: E402
+from es_mpi.iteration import n_eval_items, run_iteration  # noqa: E402
 from es_mpi.runtime import build_runtime, initial_state, prepare_vbn  # noqa: E402
 
 
@@ -54,34 +54,46 @@ class BareLoop:
             done = False
             while not done:
                 out = net(torch.from_numpy(obs.astype(np.float32)))
-                obs, _, term, trunc, _ = self.env.step(head.mid + head.half * torch.tanh(out).numpy())
+                obs, _, term, trunc, _ = self.env.step(head(out))  # the job's action mapping
                 steps += 1
                 done = term or trunc
         return steps, time.perf_counter() - start
 
 
 class ESPath:
-    """Whole ES iterations (`iteration.run_iteration`): rollout + Allgatherv + update.
+    """Whole ES iterations (`iteration.run_iteration`): rollout + Allgatherv + update, after
+    `warmup` iterations (the first has no episode cap and no statistics yet).
 
-    `run` returns this rank's share of the env steps (times `frames_per_step`: frame skip for
-    Atari) and the seconds they took.
+    `step` runs one iteration, keeps its results row in `rows` and returns its env steps, the
+    evaluation episodes' included; `run` iterates for a while and returns this rank's share of
+    the env steps (times `frames_per_step`: frame skip for Atari) and the seconds they took.
     """
 
-    def __init__(self, cfg, comm, frames_per_step: int = 1):
+    def __init__(self, cfg, comm, frames_per_step: int = 1, warmup: int = 1):
         self.cfg, self.comm, self.frames_per_step = cfg, comm, frames_per_step
         self.rt = build_runtime(cfg, comm)
-        state = initial_state(self.rt)
-        prepare_vbn(cfg, comm, self.rt, state)
-        self.state, _ = run_iteration(cfg, comm, self.rt, state)  # warm-up
-        self.iterations = 0
+        self.state = initial_state(self.rt)
+        prepare_vbn(cfg, comm, self.rt, self.state)
+        for _ in range(warmup):
+            self.state, _ = run_iteration(cfg, comm, self.rt, self.state)
+        self.n_eval = n_eval_items(cfg)
+        self.rows = []
+
+    @property
+    def iterations(self) -> int:
+        return len(self.rows)
+
+    def step(self) -> int:
+        before = self.state.timesteps
+        self.state, row = run_iteration(self.cfg, self.comm, self.rt, self.state)
+        self.rows.append(row)
+        evals = int(round(row.eval_length * self.n_eval)) if self.n_eval else 0
+        return self.state.timesteps - before + evals
 
     def run(self, seconds: float) -> tuple[int, float]:
         steps, start = 0, time.perf_counter()
         while True:
-            before = self.state.timesteps
-            self.state, _ = run_iteration(self.cfg, self.comm, self.rt, self.state)
-            steps += self.state.timesteps - before
-            self.iterations += 1
+            steps += self.step()
             # all ranks stop after the same iteration
             if mpi.any_rank(self.comm, time.perf_counter() - start >= seconds):
                 break
