@@ -20,7 +20,7 @@ from .launch import (EXIT_CONFIG_ERROR, EXIT_LAUNCHER_ERROR, EXIT_OK,  # noqa: E
                      EXIT_PREEMPTED, PreemptionFlag, check_launcher)
 from .resume import (RESUME_IGNORED_KEYS, checkpoint_on_preemption,  # noqa: E402
                      write_checkpoint)
-from .runtime import build_policy, open_results, preflight, start  # noqa: E402
+from .runtime import build_training_policy, open_results, preflight, start  # noqa: E402
 
 EPILOG = f"""\
 Run directory: run.dir/config.yaml, results.h5, checkpoints/ckpt_NNNNNN.h5.
@@ -126,7 +126,7 @@ def launch(comm, args, flag: PreemptionFlag) -> int:
         return EXIT_LAUNCHER_ERROR
     cfg = agree(comm, load_job, args.job, args.overrides)
     env = None if cfg is None else agree(comm, preflight, cfg, comm.Get_rank() == 0)
-    policy = None if env is None else agree(comm, build_policy, cfg, env)
+    policy = None if env is None else agree(comm, build_training_policy, cfg, env)
     if policy is None:
         return EXIT_CONFIG_ERROR
     return train(cfg, comm, env, policy, flag, args.force)

@@ -67,8 +67,17 @@ def build_policy(cfg: JobConfig, env):
         from .policies.vbn import uses_vbn
         if not uses_vbn(policy):
             raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")
+    return policy
+
+
+def build_training_policy(cfg: JobConfig, env):
+    """build_policy, and run.init_from checked: it loads and fits (ConfigError otherwise).
+    Only a training run reads run.init_from; evaluating or collecting from a checkpoint of
+    such a run must not need the pretrained file."""
     from .init_from import check_init_from
-    check_init_from(cfg, env, policy)  # run.init_from loads and fits (ConfigError otherwise)
+
+    policy = build_policy(cfg, env)
+    check_init_from(cfg, env, policy)
     return policy
 
 

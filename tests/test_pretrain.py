@@ -125,6 +125,21 @@ def test_finetune_starts_from_the_pretrained_theta_at_1_and_2_ranks(pendulum, tm
     assert not np.array_equal(finals[1].theta, pre.theta)
 
 
+def test_a_finetuned_run_evaluates_without_its_pretrained_file(pendulum, tmp_path):
+    """Only training reads run.init_from: a fine-tuned run moved elsewhere, its pretrained
+    file gone, still evaluates."""
+    import shutil
+
+    pre = tmp_path / "dt.h5"
+    shutil.copy(pendulum["pretrained"], pre)
+    run_job(1, tmp_path / "run", f"run.init_from={pre}", *PENDULUM_DT,
+            job="jobs/quickstart_dt.yaml")
+    pre.unlink()
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    out = python("-m", "es_mpi.evaluate", str(tmp_path / "moved"), "--episodes", "1").stdout
+    assert np.isfinite(mean_return(out))
+
+
 def test_resume_ignores_init_from_and_refuses_another(pendulum, tmp_path):
     copy = tmp_path / "dt.h5"
     copy.write_bytes(pendulum["pretrained"].read_bytes())
