@@ -155,6 +155,8 @@ def prepare(args, is_root: bool) -> Teacher:
         raise ConfigError(f"--episodes: must be at least 1, got {args.episodes}")
     if args.noise < 0:
         raise ConfigError(f"--noise: must be >= 0, got {args.noise}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps: must be at least 1, got {args.max_steps}")
     if is_root and (Path(args.out) / DATA_DIR / "metadata.json").exists():
         raise ConfigError(f"--out: a dataset already exists at {args.out}; remove it or "
                           "choose another path")

@@ -374,6 +374,23 @@ def check_dataset(demos, env, cfg: JobConfig) -> None:
               "setting:\n  " + "\n  ".join(differ), file=sys.stderr, flush=True)
 
 
+def check_args(args) -> None:
+    """The command line's numbers in range and --out not a folder (ConfigError naming the
+    option): checked before any training, so nothing fails or loops at its end."""
+    bounds = [("--steps", args.steps, 1), ("--eval-every", args.eval_every, 1),
+              ("--eval-episodes", args.eval_episodes, 0), ("--threads", args.threads, 1),
+              ("--heldout-batches", args.heldout_batches, 0)]
+    if args.eval_max_steps is not None:
+        bounds.append(("--eval-max-steps", args.eval_max_steps, 1))
+    for option, value, least in bounds:
+        if value < least:
+            raise ConfigError(f"{option}: must be at least {least}, got {value}")
+    if not 0 <= args.heldout_fraction < 1:
+        raise ConfigError(f"--heldout-fraction: must be in [0, 1), got {args.heldout_fraction}")
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out: {args.out} is a folder; name the .h5 file to write")
+
+
 def setup(args) -> Job:
     """Job, environment, policy (its initial theta from run.seed), dataset: ConfigError on
     bad input, before any training."""
@@ -385,14 +402,13 @@ def setup(args) -> Job:
     from .policies import make_policy
     from .rollout import make_normalizer
 
+    check_args(args)
     torch.set_num_threads(args.threads)
     cfg = load_job(args.job, args.overrides)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, init_from=None))
     if cfg.policy.vbn:
         raise ConfigError("policy.vbn: pretraining a policy with virtual batch norm is not "
                           "supported (its statistics come from ES's reference batch)")
-    if args.steps < 1:
-        raise ConfigError(f"--steps: must be at least 1, got {args.steps}")
     demos = load_demos(args.data)
     env = make_env(cfg.env)
     check_dataset(demos, env, cfg)

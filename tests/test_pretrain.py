@@ -179,6 +179,10 @@ def test_pretrain_names_a_dataset_of_other_spaces_and_a_missing_one(pendulum, tm
                   check=False)
     assert proc.returncode == 2 and "no Minari dataset at" in proc.stderr
     assert not (tmp_path / "x.h5").exists()
+    proc = mpirun(2, ["-m", "es_mpi.collect", str(pendulum["root"] / "teacher"), "--episodes",
+                      "2", "--max-steps", "-1", "--out", str(tmp_path / "demos")], timeout=120)
+    assert proc.returncode == 2 and "--max-steps: must be at least 1, got -1" in proc.stderr
+    assert not (tmp_path / "demos").exists()
 
 
 def test_pretrained_file_is_the_documented_format(pendulum):

@@ -148,3 +148,28 @@ def test_inspect_legend_names_scratch_and_pretrained_runs():
         [{}, {"es.lr": 0.01, "run.init_from": "pretrained/humanoid_dt.h5"}])]
     labels = sorted(group_runs(runs))
     assert labels == ["from humanoid_dt.h5, es.lr=0.01 (1)", "from scratch, es.lr=0.05 (1)"]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("steps", 0), ("eval_every", -5), ("eval_episodes", -1), ("threads", 0),
+    ("heldout_batches", -1), ("eval_max_steps", 0), ("heldout_fraction", 1.0),
+    ("heldout_fraction", -0.1)])
+def test_pretrain_names_an_option_out_of_range(option, value, tmp_path):
+    """Before any training (a negative --eval-every used to loop for ever)."""
+    from es_mpi.pretrain import check_args, parse_args
+
+    args = parse_args(["jobs/quickstart_dt.yaml", "--data", "d", "--steps", "100",
+                       "--out", str(tmp_path / "dt.h5")])
+    check_args(args)
+    setattr(args, option, value)
+    with pytest.raises(ConfigError, match="--" + option.replace("_", "-")):
+        check_args(args)
+
+
+def test_pretrain_refuses_a_folder_as_out(tmp_path):
+    from es_mpi.pretrain import check_args, parse_args
+
+    args = parse_args(["jobs/quickstart_dt.yaml", "--data", "d", "--steps", "10", "--out",
+                       str(tmp_path)])
+    with pytest.raises(ConfigError, match="--out"):
+        check_args(args)
