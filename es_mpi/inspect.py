@@ -170,7 +170,9 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
 def _setting(key: str, value: str) -> str:
     """How a differing key reads in a legend (values are repr()s of the config's)."""
     if key == "run.init_from":  # the paper's comparison: from scratch vs pretrained
-        return "from scratch" if value == "None" else f"from {Path(ast.literal_eval(value)).name}"
+        if value in ("None", "-"):  # "-": a run from before the key existed, from scratch
+            return "from scratch"
+        return f"from {Path(ast.literal_eval(value)).name}"
     return f"{key}={value}"
 
 

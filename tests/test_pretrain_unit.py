@@ -148,6 +148,9 @@ def test_inspect_legend_names_scratch_and_pretrained_runs():
         [{}, {"es.lr": 0.01, "run.init_from": "pretrained/humanoid_dt.h5"}])]
     labels = sorted(group_runs(runs))
     assert labels == ["from humanoid_dt.h5, es.lr=0.01 (1)", "from scratch, es.lr=0.05 (1)"]
+    # a run written before run.init_from existed has no such key: from scratch too
+    older = Run(Path("r2/results.h5"), {}, {"env.id": "Humanoid-v4", "es.lr": 0.02})
+    assert "from scratch, es.lr=0.02 (1)" in group_runs([*runs, older])
 
 
 @pytest.mark.parametrize("option, value", [
