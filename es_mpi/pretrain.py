@@ -146,6 +146,9 @@ def sample_steps(rng: np.random.Generator, episodes: tuple, batch: int) -> np.nd
     return (starts[ep] + np.floor(rng.random(batch) * lengths[ep]).astype(np.int64))[:, None]
 
 
+STATS_ROWS = 1024  # observations per chunk of the integer statistics
+
+
 def dataset_stats(demos, normalized: bool):
     """The observation statistics the policy will normalise with: the dataset's (every step,
     on top of es_mpi's pseudo-count), or none (mean 0, std 1: raw inputs)."""
@@ -153,11 +156,20 @@ def dataset_stats(demos, normalized: bool):
 
     shape = demos.observations.shape[1:]
     stats = ObsStats.empty(shape)
-    if normalized:
-        acc = np.int64 if np.issubdtype(demos.observations.dtype, np.integer) else np.float64
-        stats.add(demos.observations.sum(axis=0, dtype=acc).astype(np.float64),
-                  np.square(demos.observations, dtype=acc).sum(axis=0).astype(np.float64),
-                  float(demos.steps))
+    if not normalized:
+        return stats
+    obs = demos.observations
+    if np.issubdtype(obs.dtype, np.integer):  # frames: exact in int64, in chunks of rows so
+        total = np.zeros(shape, np.int64)      # the squares never take 8x the dataset
+        squares = np.zeros(shape, np.int64)
+        for lo in range(0, len(obs), STATS_ROWS):
+            part = obs[lo:lo + STATS_ROWS]
+            total += part.sum(axis=0, dtype=np.int64)
+            squares += np.square(part, dtype=np.int64).sum(axis=0)
+    else:
+        total = obs.sum(axis=0, dtype=np.float64)
+        squares = np.square(obs, dtype=np.float64).sum(axis=0)
+    stats.add(total.astype(np.float64), squares.astype(np.float64), float(demos.steps))
     return stats
 
 

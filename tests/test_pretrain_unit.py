@@ -176,3 +176,17 @@ def test_pretrain_refuses_a_folder_as_out(tmp_path):
                        str(tmp_path)])
     with pytest.raises(ConfigError, match="--out"):
         check_args(args)
+
+
+def test_frame_statistics_are_exact_in_chunks():
+    """Integer frames are summed in chunks of rows (memory): the same int64 sums."""
+    from types import SimpleNamespace
+
+    from es_mpi.pretrain import STATS_ROWS, dataset_stats
+
+    obs = np.random.default_rng(0).integers(0, 256, (2 * STATS_ROWS + 7, 4, 6, 6), np.uint8)
+    stats = dataset_stats(SimpleNamespace(observations=obs, steps=len(obs)), True)
+    empty = dataset_stats(SimpleNamespace(observations=obs[:1], steps=1), False)
+    assert np.array_equal(stats.sum - empty.sum, obs.sum(axis=0, dtype=np.int64))
+    assert np.array_equal(stats.sumsq - empty.sumsq,
+                          np.square(obs, dtype=np.int64).sum(axis=0))
