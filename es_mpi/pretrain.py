@@ -139,13 +139,6 @@ def sample_windows(rng: np.random.Generator, episodes: tuple, batch: int, k: int
     return starts[ep, None] + off[:, None] + np.minimum(pos, n[:, None] - 1), pos < n[:, None]
 
 
-def sample_steps(rng: np.random.Generator, episodes: tuple, batch: int) -> np.ndarray:
-    """(B, 1) rows drawn uniformly from the episodes' steps (MLP/CNN)."""
-    starts, lengths = episodes
-    ep = rng.choice(len(starts), size=batch, p=lengths / lengths.sum())
-    return (starts[ep] + np.floor(rng.random(batch) * lengths[ep]).astype(np.int64))[:, None]
-
-
 STATS_ROWS = 1024  # observations per chunk of the integer statistics
 
 
@@ -183,11 +176,8 @@ def _input(x: np.ndarray):
 
 def draw_batch(rng, corpus: Corpus, episodes: tuple, settings: BCSettings, policy, dt: bool):
     """(rows, mask): windows of policy.context steps for a DT, single steps otherwise."""
-    if dt:
-        return sample_windows(rng, episodes, settings.batch_size, policy.context,
-                              settings.full_windows)
-    rows = sample_steps(rng, episodes, settings.batch_size)
-    return rows, np.ones(rows.shape, dtype=bool)
+    return sample_windows(rng, episodes, settings.batch_size, policy.context if dt else 1,
+                          dt and settings.full_windows)
 
 
 def forward(policy, corpus: Corpus, rows: np.ndarray, settings: BCSettings, dt: bool,

@@ -12,7 +12,7 @@ from es_mpi.config import ConfigError, load_job
 from es_mpi.demos import applied_action, space_mismatch, space_summary
 from es_mpi.policies import make_policy
 from es_mpi.pretrain import (FAMILIES, action_loss, family_of, lr_factor, make_optimizer,
-                             override_settings, sample_steps, sample_windows)
+                             override_settings, sample_windows)
 
 from mpi_helpers import REPO
 
@@ -35,7 +35,9 @@ def test_windows_follow_the_episodes_and_mask_what_runs_past_the_end():
 
 
 def test_steps_are_drawn_uniformly_from_all_steps():
-    rows = sample_steps(np.random.default_rng(0), (np.array([0, 10]), np.array([10, 30])), 8000)
+    rows, mask = sample_windows(np.random.default_rng(0), (np.array([0, 10]), np.array([10, 30])),
+                                8000, 1, False)
+    assert mask.all()
     assert rows.shape == (8000, 1) and rows.min() >= 0 and rows.max() < 40
     assert abs(np.mean(rows < 10) - 0.25) < 0.02
 
