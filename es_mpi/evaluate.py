@@ -100,13 +100,8 @@ class Evaluator:
 
     def run(self, episodes: int, seed: int, target_return: float | None = None,
             max_steps: int | None = None) -> Evaluation:
-        from .rollout import run_episode
-
-        cap = min(self.limit, max_steps or self.limit)
-        # the policy's own randomness (dropout, sampled actions) is seeded by the episode seed
-        res = [run_episode(self.env, self.policy, seed + i, cap, self.normalize,
-                           target_return=target_return, episode_seed=seed + i)
-               for i in range(episodes)]
+        res = run_episodes(self.env, self.policy, self.normalize, self.limit, episodes, seed,
+                           target_return, max_steps)
         return Evaluation(target_return, np.array([r.ret for r in res]),
                           np.array([r.length for r in res]))
 
@@ -120,6 +115,18 @@ class Evaluator:
         res = run_episode(recorder, self.policy, seed, cap, self.normalize,
                           target_return=target_return, episode_seed=seed)
         return recorder.frames, res.ret
+
+
+def run_episodes(env, policy, normalize, limit: int, episodes: int, seed: int,
+                 target_return: float | None = None, max_steps: int | None = None) -> list:
+    """Episodes i = 0..episodes-1 from reset(seed + i), capped at the env's `limit` or
+    `max_steps` if smaller: rollout.EpisodeResult each. The policy's own randomness (dropout,
+    sampled actions) is seeded by the episode seed too."""
+    from .rollout import run_episode
+
+    cap = min(limit, max_steps or limit)
+    return [run_episode(env, policy, seed + i, cap, normalize, target_return=target_return,
+                        episode_seed=seed + i) for i in range(episodes)]
 
 
 class _FrameRecorder:

@@ -290,14 +290,13 @@ def heldout_loss(job: Job, batches: list, seed: int) -> float:
 def evaluate(job: Job, episodes: int, seed: int, max_steps: int | None) -> float:
     """Mean return over `episodes` episodes, as es_mpi.evaluate --seed SEED runs them."""
     from .envs import episode_limit
-    from .rollout import make_normalizer, run_episode
+    from .evaluate import run_episodes
 
     if episodes == 0:
         return float("nan")
-    norm = make_normalizer(job.cfg.env, job.stats)
-    cap = min(episode_limit(job.env), max_steps or episode_limit(job.env))
-    return float(np.mean([run_episode(job.env, job.policy, seed + i, cap, norm,
-                                      episode_seed=seed + i).ret for i in range(episodes)]))
+    res = run_episodes(job.env, job.policy, job.corpus.normalize, episode_limit(job.env),
+                       episodes, seed, max_steps=max_steps)
+    return float(np.mean([r.ret for r in res]))
 
 
 def train(job: Job, args) -> Curve:
