@@ -4,7 +4,7 @@ The file gives theta and the observation statistics; everything else (optimiser 
 iteration count, results) starts afresh. Its policy must be the job's: the same parameter
 count, the same observation and action spaces, and the same values of the keys that shape
 the model or the meaning of its inputs and outputs (MUST_MATCH); any difference is a
-ConfigError naming it, raised before MPI work (run.build_policy). A resumed run never reads
+ConfigError naming it, raised before MPI work (runtime.build_training_policy). A resumed run never reads
 the file (the checkpoint wins). Never imports MPI.
 """
 from __future__ import annotations
@@ -50,9 +50,15 @@ def _differences(saved_text: str, cfg: JobConfig) -> list[str]:
         saved = flatten(loads(saved_text).to_dict())
     except ConfigError as exc:
         return [f"its configuration does not load ({exc})"]
+    return setting_differences(saved, cfg, "the file", MUST_MATCH)
+
+
+def setting_differences(recorded: dict, cfg: JobConfig, where: str, keys) -> list[str]:
+    """'key: value in WHERE, value in the job' for each of `keys` (flat names) on which a
+    recorded configuration differs from the job's."""
     now = flatten(cfg.to_dict())
-    return [f"{k}: {saved.get(k)!r} in the file, {now.get(k)!r} in the job"
-            for k in MUST_MATCH if saved.get(k) != now.get(k)]
+    return [f"{k}: {recorded.get(k)!r} in {where}, {now.get(k)!r} in the job"
+            for k in keys if recorded.get(k) != now.get(k)]
 
 
 def _space_differences(path: Path, env) -> list[str]:

@@ -357,7 +357,7 @@ def check_dataset(demos, env, cfg: JobConfig) -> None:
     """The dataset's spaces must be the job's (ConfigError); a dataset collected by es_mpi in
     another environment setting (id, frame pipeline) gets a warning."""
     from .demos import space_mismatch, space_summary
-    from .init_from import MUST_MATCH
+    from .init_from import MUST_MATCH, setting_differences
 
     for what, have, want in (("observation", demos.observation_space, env.observation_space),
                              ("action", demos.action_space, env.action_space)):
@@ -365,11 +365,9 @@ def check_dataset(demos, env, cfg: JobConfig) -> None:
                              space_summary(want))
         if msg:
             raise ConfigError(msg)
-    recorded = demos.es_mpi_meta("env") or {}
-    job_env = dataclasses.asdict(cfg.env)
-    differ = [f"env.{k[4:]}: {recorded[k[4:]]!r} in the dataset, {job_env[k[4:]]!r} in the job"
-              for k in MUST_MATCH if k.startswith("env.") and k[4:] in recorded
-              and recorded[k[4:]] != job_env[k[4:]]]
+    recorded = {f"env.{k}": v for k, v in (demos.es_mpi_meta("env") or {}).items()}
+    differ = setting_differences(recorded, cfg, "the dataset",
+                                 [k for k in MUST_MATCH if k in recorded])
     if differ:
         print("es_mpi.pretrain: WARNING: the dataset was collected in another environment "
               "setting:\n  " + "\n  ".join(differ), file=sys.stderr, flush=True)

@@ -192,3 +192,20 @@ def test_frame_statistics_are_exact_in_chunks():
     assert np.array_equal(stats.sum - empty.sum, obs.sum(axis=0, dtype=np.int64))
     assert np.array_equal(stats.sumsq - empty.sumsq,
                           np.square(obs, dtype=np.int64).sum(axis=0))
+
+
+def test_a_dataset_from_another_env_setting_is_a_warning_naming_it(capsys):
+    from types import SimpleNamespace
+
+    from es_mpi.envs import make_env
+    from es_mpi.pretrain import check_dataset
+
+    cfg = load_job(REPO / "jobs/quickstart_dt.yaml", [])
+    env = make_env(cfg.env)
+    meta = {"id": "InvertedPendulum-v4", "normalize_obs": cfg.env.normalize_obs, "unrelated_key": 1}
+    demos = SimpleNamespace(observation_space=env.observation_space, source="d",
+                            action_space=env.action_space, es_mpi_meta=lambda key: meta)
+    check_dataset(demos, env, cfg)
+    err = capsys.readouterr().err
+    assert f"env.id: 'InvertedPendulum-v4' in the dataset, {cfg.env.id!r} in the job" in err
+    assert "normalize_obs" not in err and "unrelated_key" not in err
