@@ -59,12 +59,13 @@ def main() -> None:
     from es_mpi.config import load_job
     from es_mpi.envs import make_env
 
-    tmp = Path(tempfile.mkdtemp())
     env = make_env(load_job(args.job, args.overrides).env)
-    synthetic_dataset(tmp / "demos", env, args.episodes, args.length)
-    a = P.parse_args([args.job, *args.overrides, "--data", str(tmp / "demos"), "--steps", "1",
-                      "--out", str(tmp / "x.h5"), *sum((["--set", s] for s in args.set), [])])
-    job = P.setup(a)
+    with tempfile.TemporaryDirectory() as tmp:  # the dataset is in memory once loaded
+        synthetic_dataset(Path(tmp) / "demos", env, args.episodes, args.length)
+        a = P.parse_args([args.job, *args.overrides, "--data", str(Path(tmp) / "demos"),
+                          "--steps", "1", "--out", str(Path(tmp) / "x.h5"),
+                          *sum((["--set", s] for s in args.set), [])])
+        job = P.setup(a)
     opt, sched = P.make_optimizer(job.policy, job.settings)
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     rates: dict[int, list[float]] = {n: [] for n in args.threads}
