@@ -163,18 +163,25 @@ def prepare(args, is_root: bool) -> Teacher:
     return build_teacher(args)
 
 
-def open_writer(args, teacher: Teacher, cap: int):
-    """Rank 0: the dataset at --out, with es_mpi's provenance in its metadata."""
+def open_writer(args, teacher: Teacher, cap: int, is_root: bool) -> tuple:
+    """(the dataset at --out, with es_mpi's provenance in its metadata,) on rank 0, (None,)
+    elsewhere; a folder that cannot be made is a ConfigError naming --out."""
     import dataclasses
 
     from .demos import DatasetWriter, space_summary
 
+    if not is_root:
+        return (None,)
     env = teacher.env
-    return DatasetWriter(args.out, env.observation_space, env.action_space, env.spec, metadata={
-        "env": dataclasses.asdict(teacher.env_cfg), "teacher": teacher.provenance,
-        "seed": args.seed, "max_steps": cap, "noise": args.noise,
-        "observation_space": space_summary(env.observation_space),
-        "action_space": space_summary(env.action_space)})
+    metadata = {"env": dataclasses.asdict(teacher.env_cfg), "teacher": teacher.provenance,
+                "seed": args.seed, "max_steps": cap, "noise": args.noise,
+                "observation_space": space_summary(env.observation_space),
+                "action_space": space_summary(env.action_space)}
+    try:
+        return (DatasetWriter(args.out, env.observation_space, env.action_space, env.spec,
+                              metadata=metadata),)
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write the dataset at {args.out} ({exc})") from None
 
 
 def collect(comm, args) -> int:
@@ -189,9 +196,11 @@ def collect(comm, args) -> int:
     if teacher is None:
         return 2
     cap = min(teacher.limit, args.max_steps or teacher.limit)
-    writer, bar, returns, steps = None, None, [], 0
+    opened = agree(comm, open_writer, args, teacher, cap, rank == 0)
+    if opened is None:
+        return 2
+    (writer,), bar, returns, steps = opened, None, [], 0
     if rank == 0:
-        writer = open_writer(args, teacher, cap)
         bar = tqdm(total=args.episodes, desc="episodes", unit="ep", file=sys.stderr)
     for first in range(0, args.episodes, size):
         i = first + rank

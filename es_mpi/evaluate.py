@@ -28,6 +28,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from .config import ConfigError  # noqa: E402
+
 
 def default_gl_backend() -> str:
     """egl with an NVIDIA GPU (hardware rendering), osmesa otherwise (CPU)."""
@@ -92,7 +94,7 @@ class Evaluator:
         self.limit = episode_limit(self.env)
         self.policy = build_policy(cfg, self.env)  # one torch thread (run.torch_threads)
         if ckpt.theta.size != self.policy.num_params:
-            raise ValueError(f"{ckpt.path}: theta has {ckpt.theta.size} values, the policy of "
+            raise ConfigError(f"{ckpt.path}: theta has {ckpt.theta.size} values, the policy of "
                              f"its config {self.policy.num_params}")
         self.policy.set_theta(ckpt.theta)
         restore_vbn_reference(self.policy, ckpt.extras)  # Atari encoders with VBN
@@ -232,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"es_mpi.evaluate: --rtg needs a Decision Transformer (policy.kind dt), this "
               f"checkpoint holds {kind!r}", file=sys.stderr)
         return 2
-    ev = Evaluator(ckpt)
+    try:
+        ev = Evaluator(ckpt)
+    except ConfigError as exc:  # its config names an env, size or setting that does not fit
+        print(f"es_mpi.evaluate: {exc}", file=sys.stderr)
+        return 2
     print(f"es_mpi.evaluate: {ckpt.path} (iteration {ckpt.iteration}), {ev.cfg.env.id}, "
           f"policy {kind} with {ev.policy.num_params:,} parameters", flush=True)
     rows = [ev.run(args.episodes, args.seed, rtg, args.max_steps) for rtg in rtgs]

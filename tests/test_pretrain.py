@@ -183,6 +183,12 @@ def test_pretrain_names_a_dataset_of_other_spaces_and_a_missing_one(pendulum, tm
                       "2", "--max-steps", "-1", "--out", str(tmp_path / "demos")], timeout=120)
     assert proc.returncode == 2 and "--max-steps: must be at least 1, got -1" in proc.stderr
     assert not (tmp_path / "demos").exists()
+    (tmp_path / "a_file").write_text("")  # --out below a file: the folder cannot be made
+    proc = mpirun(2, ["-m", "es_mpi.collect", str(pendulum["root"] / "teacher"), "--episodes",
+                      "2", "--out", str(tmp_path / "a_file" / "demos")], timeout=120)
+    assert proc.returncode == 2 and "--out: cannot write the dataset at" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_pretrained_file_is_the_documented_format(pendulum):
