@@ -340,20 +340,22 @@ class EmbedWeights(NamedTuple):
 
 class DropoutWindow:
     """The window through the GPT blocks with dropout active (`policy.dropout` > 0, inference
-    `window`) without the module machinery, bitwise equal to `GPT.forward` on the window for
-    the shipped job (tests/test_dt.py): the same ATen ops on the same shapes and strides in
-    the same order, so every product sums in the same order and the generator draws the
-    same masks. What it saves:
+    `window`) without the module machinery: the same ATen ops on the same shapes and strides in
+    the same order as `GPT.forward` on the window, and the generator draws the same masks
+    (tests/test_step_path.py). What it saves:
       - the modules' per-call Python (module calls, the dropout function, the causal mask
         rebuilt every step and negated in every block);
       - the step's masks drawn by one torch.rand call and compared once (the CPU generator
         hands out one 32-bit draw per value in order, so one draw of the concatenated sizes
         is the sequence of per-site draws);
       - in the last block, everything after the keys and values runs on the newest LAST_ROWS
-        tokens alone: only the newest state token's output is read, its masks are the same
-        rows of the full draws, and MKL computes each row of a product of >= 4 rows the same
-        way whatever the row count (not so for 1-3 rows: a different kernel), as tested for
-        every window length;
+        tokens alone: only the newest state token's output is read and its masks are the same
+        rows of the full draws. Whether a GEMM kernel computes a row the same way whatever
+        the row count depends on the CPU and MKL's mode: with AVX2 kernels unpinned it does
+        for >= 4 rows, on AVX-512 for >= 16, and under MKL_CBWR=AVX2 (es_mpi's pinning) on an
+        AVX-512 CPU for no count. So this path equals the modules bitwise only without the
+        row cut (LAST_ROWS >= the window); with it, to float32 rounding (~1e-7). Every rank
+        runs this same path, so theta stays bitwise rank-count invariant either way;
       - the final LayerNorm on the newest token alone (a row-wise op).
     Masks are rand >= p applied as x * keep / (1 - p), as in `dropout`."""
 
@@ -683,7 +685,7 @@ class DTPolicy(FlatPolicy):
         return self.model.action_output(h[0, -1])
 
     def _window_step_dropout(self, slot: int) -> torch.Tensor:
-        """`_window_step_modules` without the modules (DropoutWindow): the same bits."""
+        """`_window_step_modules` without the modules (DropoutWindow)."""
         lo, hi = 3 * self.ring.start, 3 * slot + 2
         x = self.model.window_input(self._tok[lo:hi], self._t)
         return self.model.action_output(self._dropout_window(x, self.generator))
