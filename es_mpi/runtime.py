@@ -99,8 +99,8 @@ def build_policy(cfg: JobConfig, env):
         raise ConfigError(f"es.noise_table_size={cfg.es.noise_table_size} is smaller than the "
                           f"policy's {policy.num_params:,} parameters")
     if distinct_offsets(cfg, policy.num_params) < cfg.es.population:
-        raise ConfigError(few_offsets(cfg, policy.num_params) + ": every iteration would "
-                          "repeat perturbations")
+        raise ConfigError(few_offsets(cfg, policy.num_params, "every iteration would repeat "
+                                                          "perturbations"))
     if cfg.policy.vbn:
         from .policies.vbn import uses_vbn
         if not uses_vbn(policy):
@@ -113,11 +113,11 @@ def distinct_offsets(cfg: JobConfig, dim: int) -> int:
     return cfg.es.noise_table_size - dim + 1
 
 
-def few_offsets(cfg: JobConfig, dim: int) -> str:
+def few_offsets(cfg: JobConfig, dim: int, consequence: str) -> str:
     return (f"es.noise_table_size={cfg.es.noise_table_size:,} holds "
             f"{distinct_offsets(cfg, dim):,} distinct perturbations of the policy's {dim:,} "
             f"parameters (table size - parameters + 1) for es.population={cfg.es.population:,}"
-            f" pairs; use at least {dim + 100 * cfg.es.population:,} values")
+            f" pairs: {consequence}; use at least {dim + 100 * cfg.es.population:,} values")
 
 
 def dubious_settings(cfg: JobConfig, env, policy) -> list[str]:
@@ -126,8 +126,9 @@ def dubious_settings(cfg: JobConfig, env, policy) -> list[str]:
     dim = policy.num_params
     n, m = cfg.es.population, distinct_offsets(cfg, dim)
     if m < 100 * n:  # a pair shares its offset with another with probability 1 - e^(-(n-1)/m)
-        out.append(few_offsets(cfg, dim) + f": about {100 * -math.expm1(-(n - 1) / m):.0f}% "
-                   "of the pairs of an iteration share their perturbation with another pair")
+        out.append(few_offsets(cfg, dim, f"about {100 * -math.expm1(-(n - 1) / m):.0f}% of the "
+                                         "pairs of an iteration share their perturbation with "
+                                         "another pair"))
     if cfg.policy.kind == "mlp" and len(env.observation_space.shape) > 1:
         out.append(f"policy.kind mlp on image observations of shape "
                    f"{tuple(env.observation_space.shape)}: {dim:,} parameters, most of them "

@@ -230,3 +230,14 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(tmp_path):
     assert proc.returncode == EXIT_ABORTED, err
     assert err.count("es_mpi: aborted by a second SIGINT") == 1 and "Traceback" not in err
     assert not list_checkpoints(run_dir)
+
+
+@pytest.mark.parametrize("is_root", [True, False])
+def test_the_ale_banner_comes_from_rank_0_alone(tmp_path, is_root):
+    script = (f"from es_mpi.config import load_job\nfrom es_mpi.runtime import preflight\n"
+              f"cfg = load_job({str(ROOT / 'jobs' / 'atari_hero.yaml')!r}, "
+              f"['run.dir={tmp_path}'])\npreflight(cfg, {is_root}).reset(seed=0)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert ("A.L.E: Arcade Learning Environment" in proc.stderr) is is_root
