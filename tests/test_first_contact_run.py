@@ -110,7 +110,8 @@ def test_print_config_prints_the_resolved_job_and_runs_nothing(tmp_path):
     assert not run_dir.exists() and list(tmp_path.iterdir()) == []
     bad = cli(str(QUICK), "es.lr=.nan", "--print-config")
     assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr.strip() == "es_mpi: configuration error: es.lr: must be a finite number, got nan"
+    assert bad.stderr.strip() == ("es_mpi: configuration error: es.lr: must be a finite "
+                                  "number, got nan")
     usage = cli()
     assert usage.returncode == 2 and "JOB.yaml" in usage.stderr and "overrides" not in usage.stderr
 
