@@ -10,9 +10,9 @@ import sys
 
 EXIT_OK = 0  # finished: run.iterations done (also when it was already done at start)
 EXIT_CONFIG_ERROR = 2  # bad job/overrides, or resume refused (config differs, no valid ckpt)
-EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1: checkpoint written; run the same command to resume
+EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGINT: checkpoint written; run the same command to resume
 EXIT_LAUNCHER_ERROR = 4  # SLURM started N>1 tasks but each got its own one-rank MPI world
-EXIT_DIVERGED = 5  # theta, the optimiser state or the returns became non-finite; nothing stored
+EXIT_DIVERGED = 5  # returns, theta, optimiser state or obs statistics not finite; nothing stored
 EXIT_ABORTED = 128 + signal.SIGINT  # a second SIGINT: ended at once, no checkpoint (shells: 130)
 
 INTERRUPT_NOTE = (b"es_mpi: interrupted (SIGINT): the run stops after this iteration with a "
