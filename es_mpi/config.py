@@ -272,10 +272,19 @@ def _type_name(tp: Any) -> str:
 _NON_FINITE = ("inf", "infinity", "nan")  # spellings Python's float() reads but YAML does not
 
 
+def _non_finite_text(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lstrip("+-").lower() in _NON_FINITE
+
+
+def _non_finite(value: Any) -> bool:
+    """inf or NaN, as a float or as text."""
+    return (isinstance(value, float) and not math.isfinite(value)) or _non_finite_text(value)
+
+
 def _number_text(value: Any) -> Any:
     """A quoted number ('1e-3' from a programmatic dict or a quoted YAML scalar) as a float;
     anything else unchanged."""
-    if isinstance(value, str) and value.strip().lstrip("+-").lower() not in _NON_FINITE:
+    if isinstance(value, str) and not _non_finite_text(value):
         try:
             return float(value)
         except ValueError:
@@ -314,7 +323,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp in (str, list, dict):
         if isinstance(value, tp):
             return value
-    if isinstance(value, str) and value.strip().lstrip("+-").lower() in _NON_FINITE:
+    numeric = (int, float)
+    if (tp in numeric or set(typing.get_args(tp)) & set(numeric)) and _non_finite(value):
         raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
