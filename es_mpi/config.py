@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,30 @@ REQUIRED = ("run.seed", "run.iterations", "run.dir", "es.population", "es.sigma"
 
 class ConfigError(ValueError):
     """A job file or override is invalid; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading every spelling of a number as one (YAML 1.1, which PyYAML
+    implements, reads `1e-3`, `1E3` and `.5e-2` as strings: they need a dot and a signed
+    exponent). Quoted scalars stay strings."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+     [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (a job file, an override value, a saved config) with numbers read as
+    numbers in every spelling: 1e-3, 1E3, +1.5, .5, 1_000, 1.0e+300."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -176,11 +201,16 @@ def _numbers(v: list) -> bool:
                for x in v)
 
 
+# theta is float32: a perturbation sigma eps or an Adam step (about lr) at least this large
+# is inf in every coordinate
+FLOAT32_MAX = 3.4028234663852886e38
+_BELOW_FLOAT32_MAX = "a positive number below 3.4e38 (theta is float32)"
+
 # Range checks beyond the type: key -> (predicate, what is allowed)
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "es.population": (lambda v: v > 0, "a positive integer"),
-    "es.sigma": (lambda v: v > 0, "a positive number"),
-    "es.lr": (lambda v: v > 0, "a positive number"),
+    "es.sigma": (lambda v: 0 < v < FLOAT32_MAX, _BELOW_FLOAT32_MAX),
+    "es.lr": (lambda v: 0 < v < FLOAT32_MAX, _BELOW_FLOAT32_MAX),
     "es.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "es.adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "es.adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -239,6 +269,29 @@ def _type_name(tp: Any) -> str:
             list: "a list", dict: "a mapping", type(None): "null"}.get(tp, str(tp))
 
 
+_NON_FINITE = ("inf", "infinity", "nan")  # spellings Python's float() reads but YAML does not
+
+
+def _non_finite_text(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lstrip("+-").lower() in _NON_FINITE
+
+
+def _non_finite(value: Any) -> bool:
+    """inf or NaN, as a float or as text."""
+    return (isinstance(value, float) and not math.isfinite(value)) or _non_finite_text(value)
+
+
+def _number_text(value: Any) -> Any:
+    """A quoted number ('1e-3' from a programmatic dict or a quoted YAML scalar) as a float;
+    anything else unchanged."""
+    if isinstance(value, str) and not _non_finite_text(value):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -258,16 +311,21 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
+        value = _number_text(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        value = _number_text(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif tp in (str, list, dict):
         if isinstance(value, tp):
             return value
+    numeric = (int, float)
+    if (tp in numeric or set(typing.get_args(tp)) & set(numeric)) and _non_finite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -284,6 +342,8 @@ def _section_from_dict(name: str, data: Any, present: set[str]) -> Any:
             raise ConfigError(f"unknown key {dotted!r}; allowed keys in '{name}': "
                               + ", ".join(sorted(known)))
         value = _coerce(dotted, value, hints[key])
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{dotted}: must be a finite number, got {value!r}")
         if dotted in _RULES:
             ok, allowed = _RULES[dotted]
             if not ok(value):
@@ -313,10 +373,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     if key.count(".") < 1:
         raise ConfigError(f"override {text!r}: key must be section.key, e.g. es.sigma=0.02")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
     return key, value
+
+
+def repeated_overrides(overrides: list[str]) -> list[str]:
+    """One line per key that the overrides set more than once (the last value is used, so a
+    wrapper script's defaults can be overridden after them; still worth a warning)."""
+    values: dict[str, list[str]] = {}
+    for text in overrides:
+        if "=" in text:
+            key, raw = text.split("=", 1)
+            values.setdefault(key.strip(), []).append(raw)
+    return [f"{key} is given {len(raws)} times ({', '.join(raws)}); the last one, "
+            f"{raws[-1]}, is used" for key, raws in values.items() if len(raws) > 1]
 
 
 def apply_override(data: dict, key: str, value: Any) -> None:
@@ -397,7 +469,7 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     if not path.is_file():
         raise ConfigError(f"job file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"job file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -409,4 +481,4 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
 
 def loads(text: str) -> JobConfig:
     """Parse a resolved config text (as written to config.yaml / checkpoints)."""
-    return from_dict(yaml.safe_load(text), source="config text")
+    return from_dict(load_yaml(text), source="config text")

@@ -26,6 +26,14 @@ MUST_MATCH = (
     "policy.context", "policy.n_embd", "policy.n_layer", "policy.n_head", "policy.inner_mult",
     "policy.max_ep_len", "policy.rtg_scale", "policy.vbn", "policy.frame_scale",
 )
+# The policy keys of MUST_MATCH that each policy.kind reads (the others do not shape it)
+KIND_KEYS = {
+    "mlp": ("policy.hidden", "policy.activation", "policy.action_mapping"),
+    "cnn": ("policy.vbn", "policy.frame_scale"),
+    "dt": ("policy.action_mapping", "policy.context", "policy.n_embd", "policy.n_layer",
+           "policy.n_head", "policy.inner_mult", "policy.max_ep_len", "policy.rtg_scale",
+           "policy.vbn", "policy.frame_scale"),
+}
 PRETRAIN_GROUP = "pretrain"  # es_mpi.pretrain's group in its output file
 
 
@@ -50,7 +58,14 @@ def _differences(saved_text: str, cfg: JobConfig) -> list[str]:
         saved = flatten(loads(saved_text).to_dict())
     except ConfigError as exc:
         return [f"its configuration does not load ({exc})"]
-    return setting_differences(saved, cfg, "the file", MUST_MATCH)
+    return setting_differences(saved, cfg, "the file", must_match(cfg.policy.kind))
+
+
+def must_match(kind: str) -> tuple[str, ...]:
+    """MUST_MATCH without the policy keys that a `kind` policy does not read (a file of
+    another kind differs in policy.kind, which says it all)."""
+    other = {k for keys in KIND_KEYS.values() for k in keys} - set(KIND_KEYS.get(kind, ()))
+    return tuple(k for k in MUST_MATCH if k not in other)
 
 
 def setting_differences(recorded: dict, cfg: JobConfig, where: str, keys) -> list[str]:

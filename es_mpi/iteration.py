@@ -313,15 +313,36 @@ def results_row(old: TrainState, new: TrainState, plan: IterationPlan, got: Gath
             np.abs(got.pairs.returns - targets[:, None]).mean()))
 
 
+class Diverged(RuntimeError):
+    """A value of the run is inf or NaN. Every checked array is the same on every rank, so
+    every rank raises it at the same point: no rank is left waiting in a collective."""
+
+
+def check_finite(iteration: int, arrays: dict[str, np.ndarray]) -> None:
+    """Raise Diverged naming the first of `arrays` (what -> values) that holds inf or NaN."""
+    for what, values in arrays.items():
+        bad = np.size(values) - int(np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise Diverged(f"{what}: {bad:,} of {np.size(values):,} values are not finite "
+                           f"in iteration {iteration}")
+
+
 def run_iteration(cfg: JobConfig, comm, rt, state: TrainState) -> tuple[TrainState, IterationRow]:
-    """One ES iteration on this rank; returns the new state (same on all ranks) and its row."""
+    """One ES iteration on this rank; returns the new state (same on all ranks) and its row.
+    Raises Diverged (on every rank) if the returns or the new state are not finite."""
     t0 = time.perf_counter()
     plan = plan_iteration(cfg, rt, state)
     local = rollouts(cfg, rt, state, plan)
     t1 = time.perf_counter()
     got = exchange(cfg, comm, rt, state, local)
+    check_finite(state.iteration, {"returns of the perturbed episodes": got.pairs.returns,
+                                   "evaluation returns": got.evals.returns})
     t2 = time.perf_counter()
-    step = update(cfg, rt, state, plan, got.pairs)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported by check_finite instead
+        step = update(cfg, rt, state, plan, got.pairs)
+    check_finite(state.iteration, {"theta": step.theta, "optimiser state m": step.opt.m,
+                                   "optimiser state v": step.opt.v,
+                                   "observation statistics": got.obs_stats.sumsq})
     seconds = StageSeconds(t1 - t0, t2 - t1, time.perf_counter() - t2)
     new = advance(state, got, step, seconds)
     return new, results_row(state, new, plan, got, step, seconds)

@@ -10,24 +10,34 @@ import sys
 
 EXIT_OK = 0  # finished: run.iterations done (also when it was already done at start)
 EXIT_CONFIG_ERROR = 2  # bad job/overrides, or resume refused (config differs, no valid ckpt)
-EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1: checkpoint written; run the same command to resume
+EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGINT: checkpoint written; run the same command to resume
 EXIT_LAUNCHER_ERROR = 4  # SLURM started N>1 tasks but each got its own one-rank MPI world
+EXIT_DIVERGED = 5  # returns, theta, optimiser state or obs statistics not finite; nothing stored
+EXIT_ABORTED = 128 + signal.SIGINT  # a second SIGINT: ended at once, no checkpoint (shells: 130)
 
+INTERRUPT_NOTE = (b"es_mpi: interrupted (SIGINT): the run stops after this iteration with a "
+                  b"checkpoint and exit code 3; run the same command to resume. Press Ctrl-C "
+                  b"again to abort without a checkpoint.\n")
+ABORT_NOTE = b"es_mpi: aborted by a second SIGINT; the work since the last checkpoint is lost\n"
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 set a flag, nothing more; the loop acts on it at iteration boundaries.
+    """SIGTERM / SIGUSR1 / SIGINT set a flag, nothing more; the loop acts on it at iteration
+    boundaries. A second SIGINT (Ctrl-C twice) ends this process at once.
 
-    The handler runs no I/O and no MPI (a checkpoint inside a handler could interleave with
-    whatever the rank was doing). A signal that lands while the rank is blocked inside an MPI
-    call is recorded by Python's C-level handler and this method runs as soon as the call
-    returns, so the flag is always set before the next boundary's agreement.
+    The handler runs no MPI and no buffered I/O (a checkpoint inside a handler could interleave
+    with whatever the rank was doing); the notes on SIGINT go to fd 2 with one os.write, by the
+    rank `announce` is set on. A signal that lands while the rank is blocked inside an MPI call
+    is recorded by Python's C-level handler and this method runs as soon as the call returns,
+    so the flag is always set before the next boundary's agreement.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.interrupts = 0
+        self.announce = launcher_rank(os.environ) == 0  # set again once MPI says the rank
 
     def install(self) -> "PreemptionFlag":
         for sig in self.SIGNALS:
@@ -35,7 +45,20 @@ class PreemptionFlag:
         return self
 
     def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:  # no traceback, no MPI_Finalize (other ranks may be busy)
+                self._note(ABORT_NOTE)
+                os._exit(EXIT_ABORTED)
+            self._note(INTERRUPT_NOTE)
         self.signum = signum
+
+    def _note(self, text: bytes) -> None:
+        if self.announce:
+            try:
+                os.write(2, text)
+            except OSError:
+                pass
 
     def is_set(self) -> bool:
         return self.signum is not None
@@ -44,6 +67,15 @@ class PreemptionFlag:
         """Collective: True on every rank if any rank has been signalled."""
         from . import comm as mpi
         return mpi.any_rank(comm, self.is_set())
+
+
+def launcher_rank(env: dict) -> int:
+    """This process's rank as the launcher's environment says (MPICH/Intel, Open MPI, SLURM);
+    0 when none does (a process alone)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return 0
 
 
 def launcher_mismatch(env: dict, world_size: int) -> str | None:

@@ -101,13 +101,11 @@ def config_differences(saved_text: str, cfg: JobConfig,
     The saved text is re-read through the current loader when possible, so keys added to
     es_mpi since the checkpoint (with their defaults) do not count as differences.
     """
-    import yaml
-
-    from .config import loads
+    from .config import load_yaml, loads
     try:
         saved = loads(saved_text).to_dict()
     except ConfigError:
-        saved = yaml.safe_load(saved_text) or {}
+        saved = load_yaml(saved_text) or {}
     old, new = flatten(saved), flatten(cfg.to_dict())
     missing = "<absent>"
     return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"

@@ -14,13 +14,15 @@ pin_cpu_kernels()  # one thread per rank, same kernels on every node: before num
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from .config import ConfigError, JobConfig, load_job  # noqa: E402
-from .iteration import run_iteration  # noqa: E402
-from .launch import (EXIT_CONFIG_ERROR, EXIT_LAUNCHER_ERROR, EXIT_OK,  # noqa: E402
-                     EXIT_PREEMPTED, PreemptionFlag, check_launcher)
+from .config import ConfigError, JobConfig, load_job, repeated_overrides  # noqa: E402
+from .iteration import Diverged, run_iteration  # noqa: E402
+from .launch import (EXIT_ABORTED, EXIT_CONFIG_ERROR, EXIT_DIVERGED,  # noqa: E402
+                     EXIT_LAUNCHER_ERROR, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag,
+                     check_launcher)
 from .resume import (RESUME_IGNORED_KEYS, checkpoint_on_preemption,  # noqa: E402
                      write_checkpoint)
-from .runtime import build_training_policy, open_results, preflight, start  # noqa: E402
+from .runtime import (build_training_policy, dubious_settings, open_results,  # noqa: E402
+                      preflight, start)
 
 EPILOG = f"""\
 Run directory: run.dir/config.yaml, results.h5, checkpoints/ckpt_NNNNNN.h5.
@@ -34,24 +36,54 @@ time may use a run.dir (rank 0 holds run.dir/.lock); a second one is refused wit
 Exit codes:
   {EXIT_OK}  done (run.iterations reached; also when it already was at start)
   {EXIT_CONFIG_ERROR}  configuration error, or resume refused
-  {EXIT_PREEMPTED}  preempted: SIGTERM or SIGUSR1 reached at least one rank (MPICH's mpiexec
-     forwards both to every rank); at the next iteration boundary all ranks agreed, rank 0
-     wrote a checkpoint and every rank exited {EXIT_PREEMPTED}. Re-run the same command to resume.
+  {EXIT_PREEMPTED}  preempted: SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) reached at least one rank
+     (MPICH's mpiexec forwards all three to every rank); at the next iteration boundary all
+     ranks agreed, rank 0 wrote a checkpoint and every rank exited {EXIT_PREEMPTED}. Re-run the same
+     command to resume. A second Ctrl-C aborts at once without a checkpoint (a process alone
+     exits {EXIT_ABORTED}; mpiexec kills its ranks itself).
   {EXIT_LAUNCHER_ERROR}  launcher error: SLURM started N>1 tasks but this MPI world has one rank
      (plain `srun` without a PMI plugin); nothing was trained
+  {EXIT_DIVERGED}  diverged: theta, the optimiser state, the observation statistics or the returns
+     became inf or NaN; nothing of that iteration was stored (the checkpoints in run.dir are
+     all finite). Lower es.lr or es.sigma.
   1  any other failure (the whole job is aborted)
+
+--print-config prints the resolved configuration (every key, defaults filled in, overrides
+applied and validated) as YAML and exits: no MPI, no environment, no files. Run it without
+mpiexec.
 """
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m es_mpi.run", description=__doc__.splitlines()[0],
+                                usage="%(prog)s JOB.yaml [section.key=value ...] [--force] "
+                                      "[--print-config]",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
+    p.add_argument("job", nargs="?", help="job YAML file, e.g. jobs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. es.sigma=0.05")
     p.add_argument("--force", action="store_true",
                    help="resume even if the config differs from the checkpoint's, or start "
                         "over when run.dir holds checkpoints but none is valid")
-    return p.parse_args(argv)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as YAML and exit (nothing is run)")
+    args = p.parse_args(argv)
+    if args.job is None:
+        p.error("name a job file: python -m es_mpi.run JOB.yaml [section.key=value ...], "
+                "e.g. jobs/quickstart.yaml")
+    return args
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """--print-config: the resolved YAML on stdout (warnings and errors on stderr); no MPI."""
+    for line in repeated_overrides(args.overrides):
+        print(f"es_mpi: WARNING: {line}", file=sys.stderr, flush=True)
+    try:
+        cfg = load_job(args.job, args.overrides)
+    except ConfigError as exc:
+        print(f"es_mpi: configuration error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+    print(cfg.to_yaml(), end="", flush=True)
+    return EXIT_OK
 
 
 def agree(comm, step, *args):
@@ -103,7 +135,12 @@ def iterate(cfg: JobConfig, comm, rt, state, writer, flag: PreemptionFlag) -> in
         if flag.agreed(comm):  # the iteration boundary: every rank decides the same
             return checkpoint_on_preemption(cfg, comm, flag, state, saved,
                                             writer.rows() if writer else None)
-        state, row = run_iteration(cfg, comm, rt, state)
+        try:
+            state, row = run_iteration(cfg, comm, rt, state)
+        except Diverged as exc:  # raised on every rank alike: the values are the same
+            if writer is not None:
+                report_divergence(cfg, exc)
+            return EXIT_DIVERGED
         saved = False
         if cfg.run.verify_every and state.iteration % cfg.run.verify_every == 0:
             mpi.check_identical(comm, state.theta, state.iteration - 1)
@@ -119,25 +156,43 @@ def iterate(cfg: JobConfig, comm, rt, state, writer, flag: PreemptionFlag) -> in
     return EXIT_OK
 
 
+def report_divergence(cfg: JobConfig, exc: Diverged) -> None:
+    """Rank 0: what became non-finite, and what is left in run.dir."""
+    from .checkpoint import list_checkpoints
+
+    found = list_checkpoints(cfg.run.dir)
+    kept = f"the newest checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
+    print(f"es_mpi: diverged: {exc} (es.lr={cfg.es.lr}, es.sigma={cfg.es.sigma}); the run "
+          f"stops without storing them; {kept}. Lower es.lr or es.sigma. Exit code "
+          f"{EXIT_DIVERGED}.", file=sys.stderr, flush=True)
+
+
 def launch(comm, args, flag: PreemptionFlag) -> int:
     """Check the launcher, load the job, check run.dir and build the env (cheap, before
     torch), build the policy (all ranks agree at each step), then train."""
     if not check_launcher(comm):
         return EXIT_LAUNCHER_ERROR
+    is_root = comm.Get_rank() == 0
     cfg = agree(comm, load_job, args.job, args.overrides)
-    env = None if cfg is None else agree(comm, preflight, cfg, comm.Get_rank() == 0)
+    env = None if cfg is None else agree(comm, preflight, cfg, is_root)
     policy = None if env is None else agree(comm, build_training_policy, cfg, env)
     if policy is None:
         return EXIT_CONFIG_ERROR
+    if is_root:
+        for line in repeated_overrides(args.overrides) + dubious_settings(cfg, env, policy):
+            print(f"es_mpi: WARNING: {line}", file=sys.stderr, flush=True)
     return train(cfg, comm, env, policy, flag, args.force)
 
 
 def main(argv: list[str] | None = None) -> int:
     flag = PreemptionFlag().install()  # first: a signal during start-up must not kill us
     args = parse_args(argv)
+    if args.print_config:
+        return print_config(args)
     from . import comm as mpi
 
     comm = mpi.world()
+    flag.announce = comm.Get_rank() == 0
     # Any exception on any rank, set-up included, ends the whole job (no rank left waiting).
     return mpi.abort_on_exception(comm, launch, comm, args, flag)
 

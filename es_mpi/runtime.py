@@ -6,6 +6,8 @@ Used by `es_mpi.run`, `es_mpi.evaluate`, the benchmarks and the tests. The rank-
 """
 from __future__ import annotations
 
+import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +37,48 @@ class Runtime:
         self.noise.free()
 
 
+# Bytes every rank holds per mirrored pair in an iteration's arrays (draws, the gathered
+# (item, return, length) rows and their sorted copy, fitness, weights), rounded up
+BYTES_PER_PAIR = 256
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_population(population: int, memory: int | None) -> None:
+    """ConfigError if one iteration's per-pair arrays alone would not fit in `memory`."""
+    need = population * BYTES_PER_PAIR
+    if memory is not None and need > memory:
+        raise ConfigError(f"es.population={population:,}: every rank would hold about "
+                          f"{need / 2**30:,.0f} GiB of per-iteration arrays ({BYTES_PER_PAIR} "
+                          f"bytes per pair), more than this machine's {memory / 2**30:,.0f} GiB")
+
+
+def quiet_ale() -> None:
+    """No 'A.L.E: Arcade Learning Environment' banner from this process (the ranks but 0:
+    one banner per rank is hundreds of lines at scale); ALE errors are still printed."""
+    import ale_py
+
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
+
+
 def preflight(cfg: JobConfig, is_root: bool):
-    """The cheap checks, before torch is imported: run.dir (rank 0, which alone writes it) and
-    the environment (every rank; an unknown env.id or a bad env.kwargs raises ConfigError).
-    Returns the environment, which the run then uses."""
+    """The cheap checks, before torch is imported: a population that fits in memory, run.dir
+    (rank 0, which alone writes it) and the environment (every rank; an unknown env.id or a bad
+    env.kwargs raises ConfigError). Returns the environment, which the run then uses."""
     from . import envs
     from .resume import check_run_dir
 
+    check_population(cfg.es.population, physical_memory())
     if is_root:
         check_run_dir(Path(cfg.run.dir))
+    elif cfg.env.id.startswith("ALE/"):
+        quiet_ale()
     return envs.make_env(cfg.env)
 
 
@@ -63,11 +98,43 @@ def build_policy(cfg: JobConfig, env):
     if policy.num_params > cfg.es.noise_table_size:
         raise ConfigError(f"es.noise_table_size={cfg.es.noise_table_size} is smaller than the "
                           f"policy's {policy.num_params:,} parameters")
+    if distinct_offsets(cfg, policy.num_params) < cfg.es.population:
+        raise ConfigError(few_offsets(cfg, policy.num_params, "every iteration would repeat "
+                                                          "perturbations"))
     if cfg.policy.vbn:
         from .policies.vbn import uses_vbn
         if not uses_vbn(policy):
             raise ConfigError(f"policy.vbn: policy {cfg.policy.kind!r} has no VBN layers")
     return policy
+
+
+def distinct_offsets(cfg: JobConfig, dim: int) -> int:
+    """How many different perturbations eps_j the noise table holds for `dim` parameters."""
+    return cfg.es.noise_table_size - dim + 1
+
+
+def few_offsets(cfg: JobConfig, dim: int, consequence: str) -> str:
+    return (f"es.noise_table_size={cfg.es.noise_table_size:,} holds "
+            f"{distinct_offsets(cfg, dim):,} distinct perturbations of the policy's {dim:,} "
+            f"parameters (table size - parameters + 1) for es.population={cfg.es.population:,}"
+            f" pairs: {consequence}; use at least {dim + 100 * cfg.es.population:,} values")
+
+
+def dubious_settings(cfg: JobConfig, env, policy) -> list[str]:
+    """Legal settings that are probably a mistake, one line each (rank 0 prints them)."""
+    out = []
+    dim = policy.num_params
+    n, m = cfg.es.population, distinct_offsets(cfg, dim)
+    if m < 100 * n:  # a pair shares its offset with another with probability 1 - e^(-(n-1)/m)
+        out.append(few_offsets(cfg, dim, f"about {100 * -math.expm1(-(n - 1) / m):.0f}% of the "
+                                         "pairs of an iteration share their perturbation with "
+                                         "another pair"))
+    if cfg.policy.kind == "mlp" and len(env.observation_space.shape) > 1:
+        out.append(f"policy.kind mlp on image observations of shape "
+                   f"{tuple(env.observation_space.shape)}: {dim:,} parameters, most of them "
+                   "weights of single pixels; policy.kind dt (the papers' Atari policy) or cnn "
+                   "is what image observations need")
+    return out
 
 
 def build_training_policy(cfg: JobConfig, env):
@@ -197,6 +264,15 @@ def report_complete(cfg: JobConfig, state) -> None:
           f"run.iterations={cfg.run.iterations}); nothing to do", flush=True)
 
 
+def theta_source(cfg: JobConfig, state) -> str:
+    """', theta from run.init_from FILE' for a fresh start from a file; '' otherwise (a fresh
+    policy from run.seed, or a resumed checkpoint, which 'resuming from' already names)."""
+    if cfg.run.init_from is None or state.iteration > 0:
+        return ""
+    from .init_from import resolve
+    return f", theta from run.init_from {resolve(cfg.run.init_from)}"
+
+
 def open_results(cfg: JobConfig, state, comm, rt: Runtime):
     """Rank 0: write config.yaml, open results.h5 with the rows before `state.iteration`
     (taken from the resumed checkpoint; a damaged old results.h5 is set aside)."""
@@ -210,8 +286,9 @@ def open_results(cfg: JobConfig, state, comm, rt: Runtime):
     writer = ResultsWriter(run_dir / "results.h5", keep_rows=state.iteration,
                            config_text=cfg.to_yaml(), warn=warn, rows=state.results,
                            schema=Schema.of_config(cfg))
+    size = comm.Get_size()
     print(f"es_mpi: {cfg.env.id}, policy {cfg.policy.kind} with {rt.policy.num_params:,} "
-          f"parameters, {comm.Get_size()} ranks, population {cfg.es.population} pairs, "
-          f"{cfg.run.assignment} work assignment, noise sum {NOISE_SUM_KERNEL}, run dir "
-          f"{run_dir}, CPU kernels {cpu_kernels()}", flush=True)
+          f"parameters{theta_source(cfg, state)}, {size} rank{'s' if size != 1 else ''}, "
+          f"population {cfg.es.population} pairs, {cfg.run.assignment} work assignment, noise "
+          f"sum {NOISE_SUM_KERNEL}, run dir {run_dir}, CPU kernels {cpu_kernels()}", flush=True)
     return writer
