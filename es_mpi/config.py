@@ -56,11 +56,16 @@ class PolicyConfig:
     # continuous actions: tanh = tanh(out) in [-1, 1] to the env, which clamps (Lorenc);
     # bounds = mid + half * tanh(out), inside the Box; linear = out itself (OpenAI)
     action_mapping: Literal["tanh", "bounds", "linear"] = "tanh"
+    # MLP on Box actions, OpenAI's ac_bins: continuous = one output per action dimension, mapped
+    # by action_mapping; uniform:N = N scores per dimension, the highest picks one of N evenly
+    # spaced values from low to high; custom:v1,...,vk = k scores per dimension, the highest
+    # picks v_i (values in [-1, 1], v1 = -1, vk = 1) rescaled to [low, high]. Ties: the first bin
+    action_bins: str = "continuous"
     # discrete actions: argmax of the logits, or a sample from their softmax (Lorenc's Atari DT),
     # drawn from (run.seed, iteration, j, sign)
     discrete_action: Literal["argmax", "sample"] = "argmax"
     init: Literal["torch", "normc"] = "torch"  # MLP init: PyTorch default, or OpenAI's normc
-    action_noise_std: float = 0.0  # N(0, std^2) added to continuous actions in training episodes (OpenAI 0.01)
+    action_noise_std: float = 0.0  # N(0, std^2) added to Box actions (binned too) in training episodes (OpenAI 0.01)
     vbn: bool = False  # virtual batch norm in the image encoder (Salimans et al. 2017)
     vbn_batch: int = 128  # observations in the VBN reference batch (collected once per run)
     # image encoders multiply frames by this; null = 1/255 for raw uint8 frames, 1 for frames
@@ -171,6 +176,40 @@ class JobConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig)}
 _SECTION_CLASSES = {"env": EnvConfig, "policy": PolicyConfig, "es": ESConfig, "run": RunConfig}
 
+def parse_action_bins(spec: str) -> tuple[str, int, tuple[float, ...]]:
+    """policy.action_bins -> (mode, bins per action dimension, custom values); ValueError if bad.
+
+    'continuous' -> ('continuous', 0, ()); 'uniform:5' -> ('uniform', 5, ());
+    'custom:-1,0,1' -> ('custom', 3, (-1.0, 0.0, 1.0)).
+    """
+    mode, sep, arg = spec.partition(":")
+    if mode == "continuous" and not arg.strip():
+        return "continuous", 0, ()
+    if mode == "uniform" and arg.strip().isdigit() and int(arg) >= 2:
+        return "uniform", int(arg), ()
+    if mode == "custom" and sep:
+        try:
+            values = tuple(float(v) for v in arg.split(","))
+        except ValueError:
+            values = ()
+        if (len(values) >= 2 and values[0] == -1 and values[-1] == 1
+                and all(-1 <= v <= 1 for v in values)):
+            return "custom", len(values), values
+    raise ValueError(f"policy.action_bins: must be {_BINS_ALLOWED}, got {spec!r}")
+
+
+_BINS_ALLOWED = ("continuous, uniform:N (N >= 2 bins per action dimension) or custom:v1,...,vk "
+                 "(k >= 2 values in [-1, 1], v1 = -1, vk = 1)")
+
+
+def _bins_ok(spec: str) -> bool:
+    try:
+        parse_action_bins(spec)
+    except ValueError:
+        return False
+    return True
+
+
 def _numbers(v: list) -> bool:
     return all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
                for x in v)
@@ -216,6 +255,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "policy.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "policy.frame_scale": (lambda v: v is None or v > 0, "a positive number or null"),
     "policy.action_noise_std": (lambda v: v >= 0, "a number >= 0"),
+    "policy.action_bins": (_bins_ok, _BINS_ALLOWED),
     "env.obs_var_floor": (lambda v: v > 0, "a positive number"),
     "env.obs_clip": (lambda v: v is None or v > 0, "a positive number or null (no clipping)"),
     "run.seed": (lambda v: v >= 0, "an integer >= 0"),
@@ -366,6 +406,9 @@ def _check_combinations(cfg: JobConfig) -> None:
                           "masks are redrawn for every token at every step, so no per-block "
                           "keys/values can be cached)")
     _check_targets(cfg)
+    if parse_action_bins(pol.action_bins)[0] != "continuous" and pol.kind != "mlp":
+        raise ConfigError(f"policy.action_bins={pol.action_bins}: binned actions are an MLP "
+                          f"option (OpenAI's MujocoPolicy); got policy.kind {pol.kind!r}")
     if pol.vbn and cfg.env.normalize_obs:
         raise ConfigError("policy.vbn: use either virtual batch norm or env.normalize_obs "
                           "(per-pixel running normalisation), not both")
