@@ -176,6 +176,85 @@ class JobConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig)}
 _SECTION_CLASSES = {"env": EnvConfig, "policy": PolicyConfig, "es": ESConfig, "run": RunConfig}
 
+# Keys that change no number a run computes (theta, returns, observation statistics, results
+# columns): where it writes, how often it saves, prunes and checks, torch's threads, and how the
+# work is shared out (the same bits either way). resume.RESUME_IGNORED_KEYS is these and
+# run.iterations.
+NUMBER_FREE_KEYS = ("run.dir", "run.checkpoint_every", "run.keep_checkpoints",
+                    "run.verify_every", "run.torch_threads", "run.update", "run.assignment")
+
+# Which jobs read a key: it applies to a job when all of its conditions (KEY_CONDITIONS) hold.
+# For any other job, every value of the key computes the same numbers or is refused with a
+# ConfigError (e.g. policy.vbn without image observations). Keys not listed apply to every job.
+# The one record of this; tests/test_jobs_explicit.py makes each paper job name every key that
+# applies to it (number_keys).
+KEY_SCOPE: dict[str, tuple[str, ...]] = {
+    **{f"env.{k}": ("atari",) for k in (
+        "frame_skip", "max_pool_frames", "noop_max", "screen_size", "grayscale", "frame_stack",
+        "frame_stack_reset", "repeat_action_probability", "full_action_space", "max_frames",
+        "terminal_on_life_loss", "clip_rewards")},
+    **{f"env.{k}": ("normalize_obs",) for k in ("obs_stat_prob", "obs_var_floor", "obs_clip")},
+    **{f"policy.{k}": ("mlp",) for k in ("hidden", "activation", "init")},
+    **{f"policy.{k}": ("dt",) for k in (
+        "context", "n_embd", "n_layer", "n_head", "inner_mult", "max_ep_len", "rtg_scale",
+        "target_return", "scaled_residual_init", "dropout", "inference")},
+    "policy.embed_init": ("dt", "atari"),
+    "policy.action_mapping": ("box", "continuous"),
+    "policy.action_bins": ("mlp", "box"),
+    "policy.discrete_action": ("discrete",),
+    "policy.vbn": ("image",),
+    "policy.vbn_batch": ("vbn",),
+    "policy.frame_scale": ("image",),
+    "es.momentum": ("sgd",),
+    **{f"es.{k}": ("adam",) for k in ("adam_beta1", "adam_beta2", "adam_eps")},
+    "es.weight_decay": ("weight_decay",),
+    "es.target_draw": ("target_return",),
+    "es.target_range": ("target_return", "uniform_targets"),
+    "es.target_values": ("target_return", "list_targets"),
+    "es.target_return_weight": ("target_return",),
+    "es.eval_targets": ("dt",),
+}
+
+
+def _atari(cfg: "JobConfig") -> bool:
+    from .envs_atari import is_atari
+    return is_atari(cfg.env.id)
+
+
+# condition -> (job, whether its env's actions are Discrete) -> holds
+KEY_CONDITIONS: dict[str, typing.Callable[["JobConfig", bool], bool]] = {
+    "atari": lambda cfg, discrete: _atari(cfg),
+    "mlp": lambda cfg, discrete: cfg.policy.kind == "mlp",
+    "dt": lambda cfg, discrete: cfg.policy.kind == "dt",
+    "image": lambda cfg, discrete: _atari(cfg) and cfg.policy.kind in ("cnn", "dt"),
+    "vbn": lambda cfg, discrete: cfg.policy.vbn,
+    "box": lambda cfg, discrete: not discrete,
+    "discrete": lambda cfg, discrete: discrete,
+    "continuous": lambda cfg, discrete: parse_action_bins(cfg.policy.action_bins)[0]
+    == "continuous",
+    "normalize_obs": lambda cfg, discrete: cfg.env.normalize_obs,
+    "sgd": lambda cfg, discrete: cfg.es.optimizer == "sgd",
+    "adam": lambda cfg, discrete: cfg.es.optimizer == "adam",
+    "weight_decay": lambda cfg, discrete: cfg.es.weight_decay_mode != "none",
+    "target_return": lambda cfg, discrete: cfg.es.fitness == "target_return",
+    "uniform_targets": lambda cfg, discrete: cfg.es.target_draw == "uniform",
+    "list_targets": lambda cfg, discrete: cfg.es.target_draw == "list",
+}
+
+
+def all_keys() -> list[str]:
+    """Every key of every section, as section.key, in declaration order."""
+    return [f"{name}.{f.name}" for name, cls in _SECTION_CLASSES.items()
+            for f in dataclasses.fields(cls)]
+
+
+def number_keys(cfg: "JobConfig", discrete_actions: bool) -> list[str]:
+    """The keys that can change a number `cfg` computes: every key, less NUMBER_FREE_KEYS and
+    those whose KEY_SCOPE does not hold for it (`discrete_actions`: its env's action space
+    is Discrete). A job file naming all of them cannot drift when a default changes."""
+    return [k for k in all_keys() if k not in NUMBER_FREE_KEYS and all(
+        KEY_CONDITIONS[c](cfg, discrete_actions) for c in KEY_SCOPE.get(k, ()))]
+
 def parse_action_bins(spec: str) -> tuple[str, int, tuple[float, ...]]:
     """policy.action_bins -> (mode, bins per action dimension, custom values); ValueError if bad.
 
