@@ -221,6 +221,10 @@ def _atari(cfg: "JobConfig") -> bool:
     return is_atari(cfg.env.id)
 
 
+def _continuous(cfg: "JobConfig") -> bool:
+    return parse_action_bins(cfg.policy.action_bins)[0] == "continuous"
+
+
 # condition -> (job, whether its env's actions are Discrete) -> holds
 KEY_CONDITIONS: dict[str, typing.Callable[["JobConfig", bool], bool]] = {
     "atari": lambda cfg, discrete: _atari(cfg),
@@ -230,8 +234,7 @@ KEY_CONDITIONS: dict[str, typing.Callable[["JobConfig", bool], bool]] = {
     "vbn": lambda cfg, discrete: cfg.policy.vbn,
     "box": lambda cfg, discrete: not discrete,
     "discrete": lambda cfg, discrete: discrete,
-    "continuous": lambda cfg, discrete: parse_action_bins(cfg.policy.action_bins)[0]
-    == "continuous",
+    "continuous": lambda cfg, discrete: _continuous(cfg),
     "normalize_obs": lambda cfg, discrete: cfg.env.normalize_obs,
     "sgd": lambda cfg, discrete: cfg.es.optimizer == "sgd",
     "adam": lambda cfg, discrete: cfg.es.optimizer == "adam",
@@ -254,6 +257,7 @@ def number_keys(cfg: "JobConfig", discrete_actions: bool) -> list[str]:
     is Discrete). A job file naming all of them cannot drift when a default changes."""
     return [k for k in all_keys() if k not in NUMBER_FREE_KEYS and all(
         KEY_CONDITIONS[c](cfg, discrete_actions) for c in KEY_SCOPE.get(k, ()))]
+
 
 def parse_action_bins(spec: str) -> tuple[str, int, tuple[float, ...]]:
     """policy.action_bins -> (mode, bins per action dimension, custom values); ValueError if bad.
@@ -485,7 +489,7 @@ def _check_combinations(cfg: JobConfig) -> None:
                           "masks are redrawn for every token at every step, so no per-block "
                           "keys/values can be cached)")
     _check_targets(cfg)
-    if parse_action_bins(pol.action_bins)[0] != "continuous" and pol.kind != "mlp":
+    if not _continuous(cfg) and pol.kind != "mlp":
         raise ConfigError(f"policy.action_bins={pol.action_bins}: binned actions are an MLP "
                           f"option (OpenAI's MujocoPolicy); got policy.kind {pol.kind!r}")
     if pol.vbn and cfg.env.normalize_obs:
