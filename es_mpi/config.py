@@ -81,11 +81,16 @@ class PolicyConfig:
     # continuous actions: tanh = tanh(out) in [-1, 1] to the env, which clamps (Lorenc);
     # bounds = mid + half * tanh(out), inside the Box; linear = out itself (OpenAI)
     action_mapping: Literal["tanh", "bounds", "linear"] = "tanh"
+    # MLP on Box actions, OpenAI's ac_bins: continuous = one output per action dimension, mapped
+    # by action_mapping; uniform:N = N scores per dimension, the highest picks one of N evenly
+    # spaced values from low to high; custom:v1,...,vk = k scores per dimension, the highest
+    # picks v_i (values in [-1, 1], v1 = -1, vk = 1) rescaled to [low, high]. Ties: the first bin
+    action_bins: str = "continuous"
     # discrete actions: argmax of the logits, or a sample from their softmax (Lorenc's Atari DT),
     # drawn from (run.seed, iteration, j, sign)
     discrete_action: Literal["argmax", "sample"] = "argmax"
     init: Literal["torch", "normc"] = "torch"  # MLP init: PyTorch default, or OpenAI's normc
-    action_noise_std: float = 0.0  # N(0, std^2) added to continuous actions in training episodes (OpenAI 0.01)
+    action_noise_std: float = 0.0  # N(0, std^2) added to Box actions (binned too) in training episodes (OpenAI 0.01)
     vbn: bool = False  # virtual batch norm in the image encoder (Salimans et al. 2017)
     vbn_batch: int = 128  # observations in the VBN reference batch (collected once per run)
     # image encoders multiply frames by this; null = 1/255 for raw uint8 frames, 1 for frames
@@ -196,6 +201,123 @@ class JobConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig)}
 _SECTION_CLASSES = {"env": EnvConfig, "policy": PolicyConfig, "es": ESConfig, "run": RunConfig}
 
+# Keys that change no number a run computes (theta, returns, observation statistics, results
+# columns): where it writes, how often it saves, prunes and checks, torch's threads, and how the
+# work is shared out (the same bits either way). resume.RESUME_IGNORED_KEYS is these and
+# run.iterations.
+NUMBER_FREE_KEYS = ("run.dir", "run.checkpoint_every", "run.keep_checkpoints",
+                    "run.verify_every", "run.torch_threads", "run.update", "run.assignment")
+
+# Which jobs read a key: it applies to a job when all of its conditions (KEY_CONDITIONS) hold.
+# For any other job, every value of the key computes the same numbers or is refused with a
+# ConfigError (e.g. policy.vbn without image observations). Keys not listed apply to every job.
+# The one record of this; tests/test_jobs_explicit.py makes each paper job name every key that
+# applies to it (number_keys).
+KEY_SCOPE: dict[str, tuple[str, ...]] = {
+    **{f"env.{k}": ("atari",) for k in (
+        "frame_skip", "max_pool_frames", "noop_max", "screen_size", "grayscale", "frame_stack",
+        "frame_stack_reset", "repeat_action_probability", "full_action_space", "max_frames",
+        "terminal_on_life_loss", "clip_rewards")},
+    **{f"env.{k}": ("normalize_obs",) for k in ("obs_stat_prob", "obs_var_floor", "obs_clip")},
+    **{f"policy.{k}": ("mlp",) for k in ("hidden", "activation", "init")},
+    **{f"policy.{k}": ("dt",) for k in (
+        "context", "n_embd", "n_layer", "n_head", "inner_mult", "max_ep_len", "rtg_scale",
+        "target_return", "scaled_residual_init", "dropout", "inference")},
+    "policy.embed_init": ("dt", "atari"),
+    "policy.action_mapping": ("box", "continuous"),
+    "policy.action_bins": ("mlp", "box"),
+    "policy.discrete_action": ("discrete",),
+    "policy.vbn": ("image",),
+    "policy.vbn_batch": ("vbn",),
+    "policy.frame_scale": ("image",),
+    "es.momentum": ("sgd",),
+    **{f"es.{k}": ("adam",) for k in ("adam_beta1", "adam_beta2", "adam_eps")},
+    "es.weight_decay": ("weight_decay",),
+    "es.target_draw": ("target_return",),
+    "es.target_range": ("target_return", "uniform_targets"),
+    "es.target_values": ("target_return", "list_targets"),
+    "es.target_return_weight": ("target_return",),
+    "es.eval_targets": ("dt",),
+}
+
+
+def _atari(cfg: "JobConfig") -> bool:
+    from .envs_atari import is_atari
+    return is_atari(cfg.env.id)
+
+
+def _continuous(cfg: "JobConfig") -> bool:
+    return parse_action_bins(cfg.policy.action_bins)[0] == "continuous"
+
+
+# condition -> (job, whether its env's actions are Discrete) -> holds
+KEY_CONDITIONS: dict[str, typing.Callable[["JobConfig", bool], bool]] = {
+    "atari": lambda cfg, discrete: _atari(cfg),
+    "mlp": lambda cfg, discrete: cfg.policy.kind == "mlp",
+    "dt": lambda cfg, discrete: cfg.policy.kind == "dt",
+    "image": lambda cfg, discrete: _atari(cfg) and cfg.policy.kind in ("cnn", "dt"),
+    "vbn": lambda cfg, discrete: cfg.policy.vbn,
+    "box": lambda cfg, discrete: not discrete,
+    "discrete": lambda cfg, discrete: discrete,
+    "continuous": lambda cfg, discrete: _continuous(cfg),
+    "normalize_obs": lambda cfg, discrete: cfg.env.normalize_obs,
+    "sgd": lambda cfg, discrete: cfg.es.optimizer == "sgd",
+    "adam": lambda cfg, discrete: cfg.es.optimizer == "adam",
+    "weight_decay": lambda cfg, discrete: cfg.es.weight_decay_mode != "none",
+    "target_return": lambda cfg, discrete: cfg.es.fitness == "target_return",
+    "uniform_targets": lambda cfg, discrete: cfg.es.target_draw == "uniform",
+    "list_targets": lambda cfg, discrete: cfg.es.target_draw == "list",
+}
+
+
+def all_keys() -> list[str]:
+    """Every key of every section, as section.key, in declaration order."""
+    return [f"{name}.{f.name}" for name, cls in _SECTION_CLASSES.items()
+            for f in dataclasses.fields(cls)]
+
+
+def number_keys(cfg: "JobConfig", discrete_actions: bool) -> list[str]:
+    """The keys that can change a number `cfg` computes: every key, less NUMBER_FREE_KEYS and
+    those whose KEY_SCOPE does not hold for it (`discrete_actions`: its env's action space
+    is Discrete). A job file naming all of them cannot drift when a default changes."""
+    return [k for k in all_keys() if k not in NUMBER_FREE_KEYS and all(
+        KEY_CONDITIONS[c](cfg, discrete_actions) for c in KEY_SCOPE.get(k, ()))]
+
+
+def parse_action_bins(spec: str) -> tuple[str, int, tuple[float, ...]]:
+    """policy.action_bins -> (mode, bins per action dimension, custom values); ValueError if bad.
+
+    'continuous' -> ('continuous', 0, ()); 'uniform:5' -> ('uniform', 5, ());
+    'custom:-1,0,1' -> ('custom', 3, (-1.0, 0.0, 1.0)).
+    """
+    mode, sep, arg = spec.partition(":")
+    if mode == "continuous" and not arg.strip():
+        return "continuous", 0, ()
+    if mode == "uniform" and arg.strip().isdigit() and int(arg) >= 2:
+        return "uniform", int(arg), ()
+    if mode == "custom" and sep:
+        try:
+            values = tuple(float(v) for v in arg.split(","))
+        except ValueError:
+            values = ()
+        if (len(values) >= 2 and values[0] == -1 and values[-1] == 1
+                and all(-1 <= v <= 1 for v in values)):
+            return "custom", len(values), values
+    raise ValueError(f"policy.action_bins: must be {_BINS_ALLOWED}, got {spec!r}")
+
+
+_BINS_ALLOWED = ("continuous, uniform:N (N >= 2 bins per action dimension) or custom:v1,...,vk "
+                 "(k >= 2 values in [-1, 1], v1 = -1, vk = 1)")
+
+
+def _bins_ok(spec: str) -> bool:
+    try:
+        parse_action_bins(spec)
+    except ValueError:
+        return False
+    return True
+
+
 def _numbers(v: list) -> bool:
     return all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
                for x in v)
@@ -246,6 +368,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "policy.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "policy.frame_scale": (lambda v: v is None or v > 0, "a positive number or null"),
     "policy.action_noise_std": (lambda v: v >= 0, "a number >= 0"),
+    "policy.action_bins": (_bins_ok, _BINS_ALLOWED),
     "env.obs_var_floor": (lambda v: v > 0, "a positive number"),
     "env.obs_clip": (lambda v: v is None or v > 0, "a positive number or null (no clipping)"),
     "run.seed": (lambda v: v >= 0, "an integer >= 0"),
@@ -438,6 +561,9 @@ def _check_combinations(cfg: JobConfig) -> None:
                           "masks are redrawn for every token at every step, so no per-block "
                           "keys/values can be cached)")
     _check_targets(cfg)
+    if not _continuous(cfg) and pol.kind != "mlp":
+        raise ConfigError(f"policy.action_bins={pol.action_bins}: binned actions are an MLP "
+                          f"option (OpenAI's MujocoPolicy); got policy.kind {pol.kind!r}")
     if pol.vbn and cfg.env.normalize_obs:
         raise ConfigError("policy.vbn: use either virtual batch norm or env.normalize_obs "
                           "(per-pixel running normalisation), not both")

@@ -23,6 +23,7 @@ MUST_MATCH = (
     "env.id", "env.normalize_obs", "env.obs_var_floor", "env.obs_clip", "env.frame_skip",
     "env.max_pool_frames", "env.screen_size", "env.frame_stack", "env.frame_stack_reset",
     "policy.kind", "policy.hidden", "policy.activation", "policy.action_mapping",
+    "policy.action_bins",
     "policy.context", "policy.n_embd", "policy.n_layer", "policy.n_head", "policy.inner_mult",
     "policy.max_ep_len", "policy.rtg_scale", "policy.vbn", "policy.frame_scale",
 )

@@ -408,6 +408,9 @@ def setup(args) -> Job:
     if cfg.policy.vbn:
         raise ConfigError("policy.vbn: pretraining a policy with virtual batch norm is not "
                           "supported (its statistics come from ES's reference batch)")
+    if cfg.policy.action_bins.partition(":")[0] != "continuous":
+        raise ConfigError(f"policy.action_bins={cfg.policy.action_bins}: pretraining a binned "
+                          "policy is not supported (an argmax over bins has no gradient)")
     demos = load_demos(args.data)
     env = make_env(cfg.env)
     check_dataset(demos, env, cfg)

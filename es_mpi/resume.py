@@ -14,17 +14,16 @@ from pathlib import Path
 
 from .checkpoint import (checkpoint_path, latest_valid_checkpoint, list_checkpoints,
                          prune_checkpoints, save_checkpoint)
-from .config import ConfigError, JobConfig, flatten
+from .config import NUMBER_FREE_KEYS, ConfigError, JobConfig, flatten
 from .launch import EXIT_PREEMPTED, PreemptionFlag
 
 # Keys that may differ between a checkpoint's config and the resuming command's, because they
 # change no number of the run: extending it (run.iterations), moving its directory (run.dir:
 # the checkpoint was found there, so a relative vs absolute spelling or a copied run dir is
 # the same run), how often it saves, prunes, checks or how many threads torch uses, and how
-# the work is shared out (run.update, run.assignment: the same bits either way).
-RESUME_IGNORED_KEYS = ("run.iterations", "run.dir", "run.checkpoint_every",
-                       "run.keep_checkpoints", "run.verify_every", "run.torch_threads",
-                       "run.update", "run.assignment")
+# the work is shared out (run.update, run.assignment: the same bits either way): run.iterations
+# and config.NUMBER_FREE_KEYS.
+RESUME_IGNORED_KEYS = ("run.iterations", *NUMBER_FREE_KEYS)
 
 # Lock files held by this process for the whole run: {run dir: open file}.
 _held_locks: dict[str, object] = {}

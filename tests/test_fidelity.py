@@ -36,7 +36,8 @@ REFERENCES = {
     "humanoid_mlp": {**LORENC_ES, "es.population": 5000, "run.iterations": 200,
                      "env.id": "Humanoid-v4", "policy.kind": "mlp", "policy.hidden": [256, 256],
                      "policy.activation": "tanh", "policy.action_mapping": "tanh",
-                     "policy.init": "torch", "policy.action_noise_std": 0.0},
+                     "policy.init": "torch", "policy.action_noise_std": 0.0,
+                     "policy.action_bins": "continuous"},
     "humanoid_dt": {**LORENC_ES, "es.population": 20000, "run.iterations": 200,
                     "env.id": "Humanoid-v4", "policy.kind": "dt", "policy.context": 20,
                     "policy.n_embd": 128, "policy.n_layer": 3, "policy.n_head": 1,
@@ -59,7 +60,7 @@ REFERENCES = {
         "env.obs_stat_prob": 0.01, "env.obs_var_floor": 0.01, "env.obs_clip": 5.0,
         "policy.kind": "mlp", "policy.hidden": [256, 256], "policy.activation": "tanh",
         "policy.action_mapping": "linear", "policy.init": "normc",
-        "policy.action_noise_std": 0.01},
+        "policy.action_noise_std": 0.01, "policy.action_bins": "continuous"},
 }
 
 

@@ -24,7 +24,7 @@ def make_policy(cfg, observation_space: gym.Space, action_space: gym.Space,
         obs_dim = int(np.prod(observation_space.shape))
         return MLPPolicy(obs_dim, action_space, hidden=cfg.hidden, activation=cfg.activation,
                          action_mapping=cfg.action_mapping, discrete_action=cfg.discrete_action,
-                         init=cfg.init)
+                         init=cfg.init, action_bins=cfg.action_bins)
     if cfg.kind == "cnn":
         from .cnn import CNNPolicy
         return CNNPolicy(observation_space.shape, action_space, vbn=cfg.vbn,

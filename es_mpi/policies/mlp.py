@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import parse_action_bins
 from .base import ActionHead, FlatPolicy
 
 
@@ -17,18 +18,71 @@ def normc_(weight: torch.Tensor, std: float) -> None:
         weight.copy_(w * (std / w.square().sum(dim=1, keepdim=True).sqrt()))
 
 
-class MLPPolicy(FlatPolicy):
-    """obs (obs_dim,) -> [Linear, act] x len(hidden) -> Linear (act_dim,) -> ActionHead.
+def bin_values(mode: str, bins: int, values: tuple[float, ...], low: np.ndarray,
+               high: np.ndarray) -> np.ndarray:
+    """(act_dim, bins) float32: the action of bin i of each dimension, computed in float32 in
+    OpenAI's order. uniform: 1/(bins-1) * i * (high - low) + low; custom: (high - low) /
+    (v_k - v_1) * (v_i - v_1) + low."""
+    span = high - low
+    if mode == "uniform":
+        steps = np.float32(1.0 / (bins - 1.0)) * np.arange(bins, dtype=np.float32)
+        return steps[None, :] * span[:, None] + low[:, None]
+    v = np.asarray(values, dtype=np.float32)
+    return span[:, None] / (v[-1] - v[0]) * (v - v[0])[None, :] + low[:, None]
 
-    init "torch": PyTorch's default Linear init (Lorenc & Neruda); "normc": OpenAI's, normc(1)
-    hidden layers, normc(0.01) output layer, zero biases. The count is `num_params`.
+
+class BinnedActionHead:
+    """OpenAI's binned Box actions (policy.action_bins uniform:N / custom:...): the network's
+    act_dim * k outputs are k scores per action dimension, dimension-major (their reshape to
+    (act_dim, k)); each dimension takes the value of its highest-scoring bin, the first on ties
+    (torch.argmax). Deterministic: no generator is used."""
+
+    discrete = False
+
+    def __init__(self, action_space: gym.Space, spec: str):
+        mode, bins, values = parse_action_bins(spec)
+        if not isinstance(action_space, gym.spaces.Box):
+            raise ValueError(f"policy.action_bins={spec}: binned actions need a Box action "
+                             f"space, got {action_space}")
+        low = np.asarray(action_space.low, dtype=np.float32).reshape(-1)
+        high = np.asarray(action_space.high, dtype=np.float32).reshape(-1)
+        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+            raise ValueError(f"policy.action_bins={spec}: needs finite action bounds")
+        self.table = bin_values(mode, bins, values, low, high)
+        self.act_dim, self.bins = self.table.shape
+        self.size = self.act_dim * self.bins
+        self._dims = np.arange(self.act_dim)
+
+    def indices(self, out: torch.Tensor) -> np.ndarray:
+        """(act_dim * k,) scores -> (act_dim,) int64 bin of each dimension."""
+        return torch.argmax(out.reshape(self.act_dim, self.bins), dim=1).numpy()
+
+    def __call__(self, out: torch.Tensor, generator: torch.Generator | None = None) -> np.ndarray:
+        return self.table[self._dims, self.indices(out)]  # a new float32 (act_dim,) array
+
+    def continuous(self, out: torch.Tensor) -> torch.Tensor:
+        raise ValueError("policy.action_bins: an argmax over bins has no gradient; behaviour "
+                         "cloning needs policy.action_bins continuous")
+
+
+class MLPPolicy(FlatPolicy):
+    """obs (obs_dim,) -> [Linear, act] x len(hidden) -> Linear (head.size,) -> head.
+
+    The head: ActionHead (act_dim or n outputs), or BinnedActionHead (act_dim * k scores) when
+    `action_bins` is not "continuous". init "torch": PyTorch's default Linear init (Lorenc &
+    Neruda); "normc": OpenAI's, normc(1) hidden layers, normc(0.01) output layer (the scores
+    layer too), zero biases. The count is `num_params`.
     """
 
     def __init__(self, obs_dim: int, action_space: gym.Space, hidden=(256, 256),
                  activation: str = "tanh", action_mapping: str = "tanh",
-                 discrete_action: str = "argmax", init: str = "torch"):
+                 discrete_action: str = "argmax", init: str = "torch",
+                 action_bins: str = "continuous"):
         super().__init__()
-        self.head = ActionHead(action_space, action_mapping, discrete_action)
+        if parse_action_bins(action_bins)[0] == "continuous":
+            self.head = ActionHead(action_space, action_mapping, discrete_action)
+        else:
+            self.head = BinnedActionHead(action_space, action_bins)
         act_fn = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
         layers, width = [], obs_dim
         for h in hidden:
@@ -47,7 +101,7 @@ class MLPPolicy(FlatPolicy):
         self._lean = LeanMLP(self.net)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)  # (..., obs_dim) -> (..., act_dim)
+        return self.net(obs)  # (..., obs_dim) -> (..., head.size)
 
     def act(self, obs: np.ndarray):
         return self.head(self._lean(obs), self.generator)
