@@ -26,6 +26,7 @@ LORENC_HERO = {
     **LORENC_ES, "es.population": 40000, "run.iterations": 60, "env.noop_max": 0,
     "env.repeat_action_probability": 0.0, "env.frame_skip": 4, "env.max_pool_frames": True,
     "env.frame_stack": 4, "env.frame_stack_reset": "zeros", "env.max_frames": 108000,
+    "env.pool_order": "resize_then_max", "env.obs_squares": "uint8_wrap",
     "env.clip_rewards": False, "env.terminal_on_life_loss": False, "policy.kind": "dt",
     "policy.context": 30, "policy.n_layer": 6, "policy.n_head": 8, "policy.n_embd": 128,
     "policy.max_ep_len": 10000, "policy.rtg_scale": 1.0, "policy.discrete_action": "sample",
