@@ -2,10 +2,12 @@
 observation statistics, the frame pooling order, and the pretraining recipe's pieces."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 import pytest
+import torch
 
 from es_mpi.checkpoint import load_checkpoint
 from es_mpi.config import ConfigError, load_job
@@ -13,9 +15,10 @@ from es_mpi.demos import Demos
 from es_mpi.envs import make_env
 from es_mpi.envs_atari import AreaResize, max_then_resize, resize_then_max
 from es_mpi.es import ObsStats
-from es_mpi.pretrain import (FAMILIES, dropout_rate, epoch_windows, full_windows,
-                             recipe_settings, zero_terminal_rewards)
-from es_mpi.rollout import obs_squares
+from es_mpi.policies import make_policy
+from es_mpi.pretrain import (FAMILIES, Corpus, dropout_rate, epoch_windows, forward,
+                             full_windows, recipe_settings, zero_terminal_rewards)
+from es_mpi.rollout import make_normalizer, obs_squares
 
 from mpi_helpers import REPO, run_job
 
@@ -116,7 +119,6 @@ def test_authors_recipe_and_cloning_dropout():
         recipe_settings("feedforward", "authors", [])
     with pytest.raises(ConfigError, match="windows: must be one of"):
         recipe_settings("dt", "es_mpi", ["windows=all"])
-    from es_mpi.policies import make_policy
     cfg = load_job(REPO / "jobs/quickstart_dt.yaml")
     env = make_env(cfg.env)
     policy = make_policy(cfg.policy, env.observation_space, env.action_space, 0)
@@ -144,3 +146,28 @@ def test_hero_with_the_authors_statistics_and_pooling_bitwise_at_1_and_3_ranks(t
     assert np.array_equal(stats.sumsq, finals[1].obs_stats.sumsq) and stats.count > 100
     assert stats.sumsq.max() < 256 * stats.count  # wrapped squares: each below 256
     assert np.mean(stats.std(0.01) == 0.1) > 0.99  # the authors' std: the floor
+
+
+def test_hero_cloning_inputs_are_the_frames_divided_by_255():
+    """input_divisor acts on the cloning inputs after the statistics (the authors' state / 255);
+    the same forward as a corpus whose frames were divided beforehand."""
+    cfg = load_job(REPO / "jobs/atari_hero.yaml",
+                   ["policy.n_layer=1", "policy.context=4", "policy.max_ep_len=50"])
+    env = make_env(cfg.env)
+    policy = make_policy(cfg.policy, env.observation_space, env.action_space, 0,
+                         obs_normalized=True)
+    frames = np.random.default_rng(0).integers(0, 256, (8, 4, 84, 84), dtype=np.uint8)
+    ident = ObsStats.empty((4, 84, 84))  # mean 0, std 1: the raw frames as float32
+    corpus = Corpus(frames, np.arange(8) % 18, np.zeros(8, np.float32), np.arange(8),
+                    (np.array([0]), np.array([8])), (np.zeros(0, int), np.zeros(0, int)),
+                    make_normalizer(cfg.env, ident))
+    rows = np.arange(8).reshape(2, 4)
+    settings = recipe_settings("dt_atari", "authors", ["dropout=null"])
+    scaled = dataclasses.replace(corpus, normalize=lambda x: x.astype(np.float32) / 255)
+    with torch.no_grad():
+        got = forward(policy, corpus, rows, settings, True, None)
+        want = forward(policy, scaled, rows, dataclasses.replace(settings, input_divisor=1.0),
+                       True, None)
+        raw = forward(policy, corpus, rows, dataclasses.replace(settings, input_divisor=1.0),
+                      True, None)
+    assert torch.equal(got, want) and not torch.allclose(got, raw)
