@@ -20,7 +20,7 @@ LORENC_ES = {
     "es.divide_by_sigma": True, "es.weight_decay": 0.005, "es.weight_decay_mode": "decoupled",
     "es.episode_cap_factor": 2.0, "es.env_seeds": "per_iteration", "es.tie_break": "average",
     "env.obs_stat_prob": 0.01, "env.obs_var_floor": 0.01, "env.obs_clip": None,
-    "env.normalize_obs": True,
+    "env.normalize_obs": True, "env.obs_squares": "exact",
 }
 LORENC_HERO = {
     **LORENC_ES, "es.population": 40000, "run.iterations": 60, "env.noop_max": 0,
@@ -58,6 +58,7 @@ REFERENCES = {
         "es.divide_by_sigma": False, "es.weight_decay": 0.005, "es.weight_decay_mode": "l2",
         "es.episode_cap_factor": 0.0, "es.env_seeds": "per_episode", "es.noise_seed": 123,
         "env.obs_stat_prob": 0.01, "env.obs_var_floor": 0.01, "env.obs_clip": 5.0,
+        "env.obs_squares": "exact",
         "policy.kind": "mlp", "policy.hidden": [256, 256], "policy.activation": "tanh",
         "policy.action_mapping": "linear", "policy.init": "normc",
         "policy.action_noise_std": 0.01},
