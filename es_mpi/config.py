@@ -55,10 +55,17 @@ class EnvConfig:
     normalize_obs: bool = True  # normalise observations with running mean/std (per pixel for frames)
     obs_var_floor: float = 1e-2  # std = sqrt(max(var, obs_var_floor)) (both references: 1e-2)
     obs_clip: Optional[float] = None  # clip normalised obs to ±obs_clip; null = none (Lorenc), 5 (OpenAI)
+    # the squares summed into the observation statistics: exact, or (Atari uint8 frames)
+    # uint8_wrap = each pixel's square modulo 256, as np.square of uint8 frames computes it in
+    # Lorenc & Neruda's code: the variance falls below obs_var_floor, std = 0.1 (docs/fidelity.md)
+    obs_squares: Literal["exact", "uint8_wrap"] = "exact"
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for gymnasium.make
-    # Atari (ids 'ALE/...') preprocessing; defaults are Lorenc & Neruda's code
+    # Atari (ids 'ALE/...') preprocessing; defaults are Lorenc & Neruda's code but pool_order
     frame_skip: int = 4  # emulator frames per agent step (action repeated, reward summed)
     max_pool_frames: bool = True  # observation = pixel max of the last two frames of a step
+    # the max of the two raw screens, then one resize (gymnasium), or each screen resized, then
+    # the max of the two 84x84 frames (Lorenc & Neruda's ALE wrapper; the Hero jobs)
+    pool_order: Literal["max_then_resize", "resize_then_max"] = "max_then_resize"
     noop_max: int = 0  # reset plays 1..noop_max no-op steps (uniform, from the reset seed); 0 = none
     screen_size: int = 84  # frames are resized (area average) to screen_size x screen_size
     grayscale: bool = True  # greyscale frames (False is not supported: 1 channel per frame)
@@ -564,6 +571,9 @@ def _check_combinations(cfg: JobConfig) -> None:
     if not _continuous(cfg) and pol.kind != "mlp":
         raise ConfigError(f"policy.action_bins={pol.action_bins}: binned actions are an MLP "
                           f"option (OpenAI's MujocoPolicy); got policy.kind {pol.kind!r}")
+    if cfg.env.obs_squares == "uint8_wrap" and not cfg.env.id.startswith("ALE/"):
+        raise ConfigError(f"env.obs_squares: uint8_wrap squares uint8 frames modulo 256 and needs "
+                          f"an Atari env (ALE/...); {cfg.env.id!r} has other observations")
     if pol.vbn and cfg.env.normalize_obs:
         raise ConfigError("policy.vbn: use either virtual batch norm or env.normalize_obs "
                           "(per-pixel running normalisation), not both")

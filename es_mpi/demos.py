@@ -158,6 +158,7 @@ class Demos:
     action_space: gym.Space
     source: str  # what was loaded (path or id)
     metadata: dict = field(default_factory=dict)
+    terminated: np.ndarray | None = None  # (E,) bool: the episode's last step terminated it
 
     @property
     def episodes(self) -> int:
@@ -207,7 +208,7 @@ def load_demos(spec: str) -> Demos:
         ds = minari.MinariDataset(data)
     except (ValueError, KeyError, OSError) as exc:
         raise ConfigError(f"--data: {spec!r} is not a readable Minari dataset: {exc}") from None
-    obs, act, rew, lengths = [], [], [], []
+    obs, act, rew, lengths, term = [], [], [], [], []
     for ep in ds.iterate_episodes():
         if isinstance(ep.observations, (dict, tuple)) or isinstance(ep.actions, (dict, tuple)):
             raise ConfigError(f"--data: {spec!r} has dict/tuple observations or actions; "
@@ -217,6 +218,7 @@ def load_demos(spec: str) -> Demos:
         act.append(np.asarray(ep.actions)[:n])
         rew.append(np.asarray(ep.rewards, dtype=np.float64))
         lengths.append(n)
+        term.append(bool(n and np.asarray(ep.terminations)[n - 1]))
     if not lengths or sum(lengths) == 0:
         raise ConfigError(f"--data: {spec!r} holds no steps")
     lengths = np.array(lengths, dtype=np.int64)
@@ -226,4 +228,4 @@ def load_demos(spec: str) -> Demos:
     return Demos(np.concatenate(obs), actions, np.concatenate(rew),
                  np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths,
                  ds.observation_space, ds.action_space, str(spec),
-                 dict(ds.storage.metadata))
+                 dict(ds.storage.metadata), np.array(term, dtype=bool))

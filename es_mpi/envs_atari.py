@@ -4,7 +4,9 @@ The semantics are those of gymnasium's `AtariPreprocessing` followed by
 `FrameStackObservation(4)`:
 - reset: 1..noop_max no-op steps, the count drawn from the env's np_random seeded by reset(seed);
 - step: the action is repeated `frame_skip` frames, rewards summed (never clipped by default),
-  the observation is the pixel-wise max of the last two frames (Atari flicker);
+  the observation is the pixel-wise max of the last two frames (Atari flicker), taken of the
+  raw screens before the resize (gymnasium; `env.pool_order: max_then_resize`) or of the two
+  resized frames (Lorenc & Neruda's ALE wrapper; `resize_then_max`);
 - frames are greyscale, area-resized to 84x84, and the last 4 are stacked: (4, 84, 84) uint8,
   oldest first; after reset the stack holds zeros and the first frame (Lorenc & Neruda's
   wrapper; `env.frame_stack_reset: zeros`) or the first frame repeated (gymnasium's default);
@@ -69,13 +71,29 @@ class AreaResize:
         return ((acc.astype(np.int32) + self.denom // 2) // self.denom).astype(np.uint8)
 
 
+def max_then_resize(a: np.ndarray, b: np.ndarray, resize) -> np.ndarray:
+    """The pixel max of two raw screens, resized (gymnasium's AtariPreprocessing)."""
+    return resize(np.maximum(a, b))
+
+
+def resize_then_max(a: np.ndarray, b: np.ndarray, resize) -> np.ndarray:
+    """The pixel max of the two resized screens (Lorenc & Neruda's ALE wrapper: each frame
+    through cv2.resize INTER_AREA, then the max of the pair)."""
+    return np.maximum(resize(a), resize(b))
+
+
+# env.pool_order -> (screen, screen, resize) -> the step's frame
+POOL_ORDERS = {"max_then_resize": max_then_resize, "resize_then_max": resize_then_max}
+
+
 class AtariPreprocessing(gym.Wrapper):
     """No-op starts, frame skip with max-pool, greyscale area resize, frame stack (see module)."""
 
     def __init__(self, env: gym.Env, noop_max: int = 30, frame_skip: int = 4,
                  screen_size: int = 84, frame_stack: int = 4, max_pool: bool = True,
                  terminal_on_life_loss: bool = False, clip_rewards: bool = False,
-                 fast_reset: bool = True, stack_reset: str = "zeros"):
+                 fast_reset: bool = True, stack_reset: str = "zeros",
+                 pool_order: str = "max_then_resize"):
         super().__init__(env)
         ale_env = env.unwrapped
         if getattr(ale_env, "_frameskip", None) != 1:
@@ -88,6 +106,9 @@ class AtariPreprocessing(gym.Wrapper):
         if stack_reset not in ("zeros", "repeat"):
             raise ValueError(f"env.frame_stack_reset: unknown mode {stack_reset!r}")
         self.stack_reset = stack_reset
+        if pool_order not in POOL_ORDERS:
+            raise ValueError(f"env.pool_order: unknown order {pool_order!r}")
+        self.pool = POOL_ORDERS[pool_order]
         self.terminal_on_life_loss, self.clip_rewards = terminal_on_life_loss, clip_rewards
         h, w = self.ale.getScreenDims()
         self.resize = AreaResize((h, w), screen_size)
@@ -146,11 +167,11 @@ class AtariPreprocessing(gym.Wrapper):
             if t == self.frame_skip - 2 and self.max_pool:
                 ale.getScreenGrayscale(self.screens[1])
         ale.getScreenGrayscale(self.screens[0])
-        frame = self.screens[0]
-        if self.max_pool and self.frame_skip > 1 and last == self.frame_skip - 1:
-            frame = np.maximum(self.screens[0], self.screens[1])
         self.stack[:-1] = self.stack[1:]
-        self.stack[-1] = self.resize(frame)
+        if self.max_pool and self.frame_skip > 1 and last == self.frame_skip - 1:
+            self.stack[-1] = self.pool(self.screens[0], self.screens[1], self.resize)
+        else:
+            self.stack[-1] = self.resize(self.screens[0])
         reward = float(np.sign(total)) if self.clip_rewards else total
         return self.stack.copy(), reward, terminated, truncated, {"lives": ale.lives()}
 
@@ -174,6 +195,7 @@ def make_atari_env(cfg, render_mode: str | None = None) -> gym.Env:
                                  terminal_on_life_loss=cfg.terminal_on_life_loss,
                                  clip_rewards=cfg.clip_rewards,
                                  stack_reset=cfg.frame_stack_reset,
+                                 pool_order=cfg.pool_order,
                                  # a snapshot restore leaves the old RGB screen for render()
                                  fast_reset=render_mode is None)
     # agent steps the frame cap allows; env.max_episode_steps may lower it further

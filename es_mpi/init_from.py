@@ -21,7 +21,8 @@ from .config import ConfigError, JobConfig, flatten, loads
 # other values holds another function (dropout, target_return, inference, sampling may differ)
 MUST_MATCH = (
     "env.id", "env.normalize_obs", "env.obs_var_floor", "env.obs_clip", "env.frame_skip",
-    "env.max_pool_frames", "env.screen_size", "env.frame_stack", "env.frame_stack_reset",
+    "env.max_pool_frames", "env.pool_order", "env.screen_size", "env.frame_stack",
+    "env.frame_stack_reset", "env.obs_squares",
     "policy.kind", "policy.hidden", "policy.activation", "policy.action_mapping",
     "policy.action_bins",
     "policy.context", "policy.n_embd", "policy.n_layer", "policy.n_head", "policy.inner_mult",

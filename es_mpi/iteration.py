@@ -140,7 +140,8 @@ def run_item(cfg: JobConfig, rt, state: TrainState, plan: IterationPlan,
     return rollout.run_episode(rt.env, rt.policy, draws.env_seeds[j, s], plan.cap, plan.normalize,
                                bool(draws.record_obs[j, s]), target_return=target,
                                episode_seed=episode_seed(seed, t, TRAIN_EPISODE, key, s),
-                               action_noise_std=cfg.policy.action_noise_std)
+                               action_noise_std=cfg.policy.action_noise_std,
+                               squares=cfg.env.obs_squares)
 
 
 def rollouts(cfg: JobConfig, rt, state: TrainState, plan: IterationPlan) -> LocalResults:

@@ -20,6 +20,7 @@ from .determinism import pin_cpu_kernels
 pin_cpu_kernels()  # the kernels ES fine-tuning and evaluate will use
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -49,6 +50,13 @@ class BCSettings:
     grad_clip: float  # clip the gradient's global L2 norm to this
     full_windows: bool  # DT: windows lie inside an episode (Chen's Atari) or may run past its end
     window_time: Literal["first", "last"]  # image DT: global position = first or last timestep
+    # DT: sample = each window's start drawn uniformly from all steps (Chen et al.); epochs =
+    # every full K-window of every episode once per pass, shuffled (Lorenc & Neruda)
+    windows: Literal["sample", "epochs"] = "sample"
+    dropout: float | None = None  # DT dropout while cloning; None = the job's policy.dropout
+    input_divisor: float = 1.0  # cloning inputs divided by this (Lorenc's Hero: frames / 255)
+    terminal_reward: Literal["keep", "zero"] = "keep"  # zero: a terminated episode's last
+    #                                                   reward is 0 in the returns-to-go (Lorenc)
 
 
 # policy family -> the reference's settings
@@ -63,6 +71,30 @@ FAMILIES: dict[str, BCSettings] = {
     # no reference: plain regression of the action on the observation
     "feedforward": BCSettings(256, 1e-3, 1e-4, False, 0.9, 0.999, 100, 0, 1.0, False, "last"),
 }
+
+
+# policy family -> the --set changes of `--recipe authors`: Lorenc & Neruda's pretraining code
+# (supervised_pretraining/, docs/fidelity.md "Pretraining"); with it --obs-stats defaults to none
+AUTHORS_RECIPE: dict[str, list[str]] = {
+    # train_mujoco.py, create_dataset.py, get_data.py: dropout 0.1, every window once, the
+    # reward of a terminated step replaced by 0
+    "dt": ["windows=epochs", "dropout=0.1", "terminal_reward=zero"],
+    # train_atari.py (mingpt's GPTConfig: dropout 0.1), create_dataset.py, get_data.py (state / 255)
+    "dt_atari": ["windows=epochs", "dropout=0.1", "input_divisor=255"],
+}
+NULLABLE = {"dropout"}  # settings that take null
+
+
+def recipe_settings(family: str, recipe: str, items: list[str]) -> BCSettings:
+    """The family's settings, then the recipe's changes, then `--set` items (ConfigError if
+    the recipe has nothing for this family: the authors pretrained Decision Transformers only)."""
+    changes = []
+    if recipe == "authors":
+        if family not in AUTHORS_RECIPE:
+            raise ConfigError(f"--recipe authors: Lorenc & Neruda pretrain Decision Transformers "
+                              f"only; this job's policy is of the {family!r} family")
+        changes = AUTHORS_RECIPE[family]
+    return override_settings(FAMILIES[family], [*changes, *items])
 
 
 def family_of(policy) -> str:
@@ -84,7 +116,10 @@ def override_settings(settings: BCSettings, items: list[str]) -> BCSettings:
         if key not in names:
             raise ConfigError(f"--set: unknown setting {key!r}; settings: {', '.join(names)}")
         value = yaml.safe_load(raw)
-        want = type(getattr(settings, key))
+        if key in NULLABLE and value is None:
+            changes[key] = None
+            continue
+        want = float if key in NULLABLE else type(getattr(settings, key))
         if want is float and not isinstance(value, bool):
             try:  # YAML reads 1e-3 as a string, 3 as an int
                 value = float(value)
@@ -92,8 +127,27 @@ def override_settings(settings: BCSettings, items: list[str]) -> BCSettings:
                 pass
         if not isinstance(value, want):
             raise ConfigError(f"--set {key}: expected {want.__name__}, got {raw!r}")
+        check_setting(key, value)
         changes[key] = value
     return dataclasses.replace(settings, **changes)
+
+
+# range checks beyond the type: setting -> (predicate, what is allowed)
+SETTING_RULES = {"dropout": (lambda v: 0 <= v < 1, "a number in [0, 1) or null"),
+                 "input_divisor": (lambda v: v > 0, "a positive number")}
+
+
+def check_setting(key: str, value) -> None:
+    """ConfigError if `value` is not one of a Literal setting's choices or out of range."""
+    import typing
+
+    choices = typing.get_args(typing.get_type_hints(BCSettings)[key])
+    if typing.get_origin(typing.get_type_hints(BCSettings)[key]) is Literal \
+            and value not in choices:
+        raise ConfigError(f"--set {key}: must be one of {', '.join(choices)}, got {value!r}")
+    ok, allowed = SETTING_RULES.get(key, (lambda v: True, ""))
+    if not ok(value):
+        raise ConfigError(f"--set {key}: must be {allowed}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -110,16 +164,63 @@ class Corpus:
     normalize: Callable[[np.ndarray], np.ndarray]  # raw -> policy input (float32)
 
 
-def make_corpus(demos, cfg: JobConfig, normalize, heldout_fraction: float) -> Corpus:
+def make_corpus(demos, cfg: JobConfig, normalize, heldout_fraction: float,
+                terminal_reward: str = "keep") -> Corpus:
     """Steps of every episode; the last round(fraction * E) episodes (at least one when
-    there are two or more) are held out."""
+    there are two or more) are held out. terminal_reward "zero": returns-to-go as if each
+    terminated episode's last reward were 0 (Lorenc's Humanoid data generator)."""
     n_held = 0 if demos.episodes < 2 else max(1, round(heldout_fraction * demos.episodes))
     cut = demos.episodes - n_held
     timesteps = np.arange(demos.steps) - np.repeat(demos.starts, demos.lengths)
+    if terminal_reward == "zero":
+        demos = dataclasses.replace(demos, rewards=zero_terminal_rewards(demos))
     rtg = (demos.returns_to_go() * cfg.policy.rtg_scale).astype(np.float32)
     return Corpus(demos.observations, demos.actions, rtg, timesteps.astype(np.int64),
                   (demos.starts[:cut], demos.lengths[:cut]),
                   (demos.starts[cut:], demos.lengths[cut:]), normalize)
+
+
+def zero_terminal_rewards(demos) -> np.ndarray:
+    """The rewards with the last step of every terminated episode (not one cut short by a
+    time limit or the collector's cap) set to 0; ConfigError if the dataset cannot tell."""
+    if demos.terminated is None:
+        raise ConfigError(f"--set terminal_reward=zero: {demos.source} does not record which "
+                          "episodes terminated")
+    rewards = demos.rewards.copy()
+    rewards[(demos.starts + demos.lengths - 1)[demos.terminated]] = 0.0
+    return rewards
+
+
+def full_windows(episodes: tuple, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first row (W,), real steps (W,)) of every full k-window of every episode, in order;
+    an episode shorter than k gives one window of all its steps (masked after them: the
+    authors' left zero-padding, for a DT whose tokens do not depend on the window start)."""
+    starts, lengths = (np.asarray(a, dtype=np.int64) for a in episodes)
+    counts = np.maximum(lengths - k + 1, 1)
+    first_of_ep = np.repeat(np.cumsum(counts) - counts, counts)
+    first = np.repeat(starts, counts) + np.arange(counts.sum()) - first_of_ep
+    return first, np.repeat(np.minimum(lengths, k), counts)
+
+
+def epoch_windows(rng: np.random.Generator, episodes: tuple, batch: int, k: int):
+    """Batches (rows (B, k), mask (B, k)) of the windows of `full_windows`, each window once
+    per epoch in an order shuffled by `rng`; a batch may span two epochs (all are full)."""
+    first, n = full_windows(episodes, k)
+    pos, queue = np.arange(k)[None, :], np.zeros(0, dtype=np.int64)
+    while True:
+        while len(queue) < batch:
+            queue = np.concatenate([queue, rng.permutation(len(first))])
+        take, queue = queue[:batch], queue[batch:]
+        yield first[take, None] + np.minimum(pos, n[take, None] - 1), pos < n[take, None]
+
+
+def batch_source(rng: np.random.Generator, corpus: Corpus, settings: BCSettings, policy,
+                 dt: bool) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """() -> the next training batch: sampled windows (draw_batch), or epochs of every window."""
+    if dt and settings.windows == "epochs":
+        batches = epoch_windows(rng, corpus.train, settings.batch_size, policy.context)
+        return lambda: next(batches)
+    return lambda: draw_batch(rng, corpus, corpus.train, settings, policy, dt)
 
 
 def sample_windows(rng: np.random.Generator, episodes: tuple, batch: int, k: int,
@@ -142,10 +243,12 @@ def sample_windows(rng: np.random.Generator, episodes: tuple, batch: int, k: int
 STATS_ROWS = 1024  # observations per chunk of the integer statistics
 
 
-def dataset_stats(demos, normalized: bool):
+def dataset_stats(demos, normalized: bool, squares: str = "exact"):
     """The observation statistics the policy will normalise with: the dataset's (every step,
-    on top of es_mpi's pseudo-count), or none (mean 0, std 1: raw inputs)."""
+    on top of es_mpi's pseudo-count; its squares as env.obs_squares makes them), or none
+    (mean 0, std 1: raw inputs)."""
     from .es import ObsStats
+    from .rollout import obs_squares
 
     shape = demos.observations.shape[1:]
     stats = ObsStats.empty(shape)
@@ -154,15 +257,15 @@ def dataset_stats(demos, normalized: bool):
     obs = demos.observations
     if np.issubdtype(obs.dtype, np.integer):  # frames: exact in int64, in chunks of rows so
         total = np.zeros(shape, np.int64)      # the squares never take 8x the dataset
-        squares = np.zeros(shape, np.int64)
+        total_sq = np.zeros(shape, np.int64)
         for lo in range(0, len(obs), STATS_ROWS):
             part = obs[lo:lo + STATS_ROWS]
             total += part.sum(axis=0, dtype=np.int64)
-            squares += np.square(part, dtype=np.int64).sum(axis=0)
+            total_sq += obs_squares(part, np.int64, squares).sum(axis=0)
     else:
         total = obs.sum(axis=0, dtype=np.float64)
-        squares = np.square(obs, dtype=np.float64).sum(axis=0)
-    stats.add(total.astype(np.float64), squares.astype(np.float64), float(demos.steps))
+        total_sq = obs_squares(obs, np.float64, squares).sum(axis=0)
+    stats.add(total.astype(np.float64), total_sq.astype(np.float64), float(demos.steps))
     return stats
 
 
@@ -186,7 +289,10 @@ def forward(policy, corpus: Corpus, rows: np.ndarray, settings: BCSettings, dt: 
     states, actions, timesteps; dropout masks from `generator`), or the MLP/CNN per step."""
     import torch
 
-    states = _input(corpus.normalize(corpus.obs[rows]))
+    states = corpus.normalize(corpus.obs[rows])
+    if settings.input_divisor != 1.0:  # after the statistics, as Lorenc's Hero frames / 255
+        states = np.asarray(states, dtype=np.float32) / np.float32(settings.input_divisor)
+    states = _input(states)
     if not dt:
         return policy(states.reshape(-1, *states.shape[2:]))[:, None]
     t = corpus.timesteps[rows]
@@ -306,6 +412,7 @@ def train(job: Job, args) -> Curve:
     from tqdm import tqdm
 
     rng = np.random.default_rng([args.seed, 0xBC])
+    next_batch = batch_source(rng, job.corpus, job.settings, job.policy, job.dt)
     gen = torch.Generator().manual_seed(args.seed)
     held = [draw_batch(np.random.default_rng([args.seed, 0x4E1D, i]), job.corpus,
                        job.corpus.heldout, job.settings, job.policy, job.dt)
@@ -319,8 +426,7 @@ def train(job: Job, args) -> Curve:
         t0 = time.perf_counter()
         with job.policy.trainable():
             for _ in range(chunk):
-                batch = draw_batch(rng, job.corpus, job.corpus.train, job.settings, job.policy,
-                                   job.dt)
+                batch = next_batch()
                 window.append(gradient_step(job, batch, gen, opt, sched))
                 done += 1
                 if done % log_every == 0 or done == args.steps:
@@ -340,10 +446,36 @@ def train(job: Job, args) -> Curve:
     return curve
 
 
+@contextlib.contextmanager
+def dropout_rate(policy, p: float | None):
+    """The DT's dropout probability set to `p` inside the block (None: left as the job's);
+    ES and evaluation afterwards run with the job's policy.dropout again."""
+    from .policies.dt import GPT, MLP, CausalSelfAttention
+
+    mods = [m for m in policy.modules() if isinstance(m, (MLP, CausalSelfAttention))]
+    gpts = [m for m in policy.modules() if isinstance(m, GPT)]
+    if p is None or not gpts:
+        yield
+        return
+    saved = [m.p for m in mods], [g.cfg.dropout for g in gpts]
+    try:
+        for m in mods:
+            m.p = p
+        for g in gpts:
+            g.cfg.dropout = p
+        yield
+    finally:
+        for m, old in zip(mods, saved[0]):
+            m.p = old
+        for g, old in zip(gpts, saved[1]):
+            g.cfg.dropout = old
+
+
 def gradient_step(job: Job, batch, gen, opt, sched) -> float:
     import torch
 
-    loss = batch_loss(job.policy, job.corpus, batch, job.settings, job.dt, gen)
+    with dropout_rate(job.policy, job.settings.dropout):
+        loss = batch_loss(job.policy, job.corpus, batch, job.settings, job.dt, gen)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(job.policy.parameters(), job.settings.grad_clip)
@@ -419,10 +551,12 @@ def setup(args) -> Job:
                              obs_normalized=cfg.env.normalize_obs)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    stats = dataset_stats(demos, cfg.env.normalize_obs and args.obs_stats == "dataset")
     family = family_of(policy)
-    settings = override_settings(FAMILIES[family], args.set)
-    corpus = make_corpus(demos, cfg, make_normalizer(cfg.env, stats), args.heldout_fraction)
+    settings = recipe_settings(family, args.recipe, args.set)
+    stats = dataset_stats(demos, cfg.env.normalize_obs and args.obs_stats == "dataset",
+                          cfg.env.obs_squares)
+    corpus = make_corpus(demos, cfg, make_normalizer(cfg.env, stats), args.heldout_fraction,
+                         settings.terminal_reward)
     return Job(cfg, env, policy, corpus, stats, settings, family != "feedforward", demos)
 
 
@@ -478,9 +612,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output .h5 (for run.init_from / evaluate)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change one training setting (see below), e.g. --set lr=3e-4")
-    p.add_argument("--obs-stats", choices=("dataset", "none"), default="dataset",
-                   help="normalise observations with the dataset's statistics (default) or "
-                        "not at all (Lorenc & Neruda); ignored unless env.normalize_obs")
+    p.add_argument("--recipe", choices=("es_mpi", "authors"), default="es_mpi",
+                   help="authors: Lorenc & Neruda's pretraining (per family: "
+                        + "; ".join(f"{k}: {' '.join(v)}" for k, v in AUTHORS_RECIPE.items())
+                        + "; --obs-stats none); --set still changes single settings")
+    p.add_argument("--obs-stats", choices=("dataset", "none"), default=None,
+                   help="normalise observations with the dataset's statistics (default; with "
+                        "--recipe authors: none) or not at all (Lorenc & Neruda); ignored "
+                        "unless env.normalize_obs")
     p.add_argument("--seed", type=int, default=0, help="seed of the windows and dropout masks")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default steps/10)")
     p.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation (0: none)")
@@ -493,6 +632,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     args = p.parse_args(argv)
     args.eval_every = args.eval_every or max(1, args.steps // 10)
+    if args.obs_stats is None:
+        args.obs_stats = "none" if args.recipe == "authors" else "dataset"
     return args
 
 

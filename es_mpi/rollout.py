@@ -42,6 +42,19 @@ def make_normalizer(env_cfg, obs_stats) -> Normalizer:
     return Normalizer(obs_stats.mean, obs_stats.std(env_cfg.obs_var_floor), env_cfg.obs_clip)
 
 
+def obs_squares(obs: np.ndarray, dtype, mode: str = "exact") -> np.ndarray:
+    """The squares an observation adds to the statistics' sum of squares, in `dtype`: exact,
+    or (mode uint8_wrap) np.square of the uint8 frame itself, which wraps modulo 256 as in
+    Lorenc & Neruda's code (their frames are uint8 and NumPy squares in the array's dtype)."""
+    if mode == "exact":
+        return np.square(obs, dtype=dtype)
+    if mode != "uint8_wrap":
+        raise ValueError(f"unknown env.obs_squares {mode!r}")
+    if obs.dtype != np.uint8:
+        raise ValueError(f"env.obs_squares uint8_wrap needs uint8 observations, got {obs.dtype}")
+    return np.square(obs).astype(dtype)
+
+
 @dataclass
 class EpisodeResult:
     ret: float
@@ -55,14 +68,15 @@ class EpisodeResult:
 def run_episode(env, policy, seed: int, max_steps: int, normalize: Normalizer,
                 record_obs: bool = False, target_return: float | None = None,
                 episode_seed: int | None = None, action_noise_std: float = 0.0,
-                lean: bool = True) -> EpisodeResult:
+                lean: bool = True, squares: str = "exact") -> EpisodeResult:
     """Run `policy` in `env` from reset(seed) for at most `max_steps` steps.
 
     `episode_seed` seeds the episode's own randomness: the policy's (dropout, sampled actions)
     and the N(0, action_noise_std^2) noise added to continuous actions. `lean` steps the
     innermost env directly when gymnasium.make's wrappers are all the chain holds, ending the
     episode at the TimeLimit itself (envs.lean_step: the same episode, without two Python
-    wrapper calls a step); False steps the wrapped env.
+    wrapper calls a step); False steps the wrapped env. `squares`: how recorded observations
+    are squared (env.obs_squares, `obs_squares`).
     """
     obs, _ = env.reset(seed=int(seed))
     policy.reset(target_return, seed=episode_seed)
@@ -83,7 +97,7 @@ def run_episode(env, policy, seed: int, max_steps: int, normalize: Normalizer,
     while steps < cap:
         if record_obs:
             s += obs
-            ss += np.square(obs, dtype=s.dtype)
+            ss += obs_squares(obs, s.dtype, squares)
         action = act(normalize(obs, buf))
         if noise_rng is not None:
             action = action + noise_rng.standard_normal(np.shape(action), dtype=np.float32) \

@@ -20,12 +20,13 @@ LORENC_ES = {
     "es.divide_by_sigma": True, "es.weight_decay": 0.005, "es.weight_decay_mode": "decoupled",
     "es.episode_cap_factor": 2.0, "es.env_seeds": "per_iteration", "es.tie_break": "average",
     "env.obs_stat_prob": 0.01, "env.obs_var_floor": 0.01, "env.obs_clip": None,
-    "env.normalize_obs": True,
+    "env.normalize_obs": True, "env.obs_squares": "exact",
 }
 LORENC_HERO = {
     **LORENC_ES, "es.population": 40000, "run.iterations": 60, "env.noop_max": 0,
     "env.repeat_action_probability": 0.0, "env.frame_skip": 4, "env.max_pool_frames": True,
     "env.frame_stack": 4, "env.frame_stack_reset": "zeros", "env.max_frames": 108000,
+    "env.pool_order": "resize_then_max", "env.obs_squares": "uint8_wrap",
     "env.clip_rewards": False, "env.terminal_on_life_loss": False, "policy.kind": "dt",
     "policy.context": 30, "policy.n_layer": 6, "policy.n_head": 8, "policy.n_embd": 128,
     "policy.max_ep_len": 10000, "policy.rtg_scale": 1.0, "policy.discrete_action": "sample",
@@ -58,6 +59,7 @@ REFERENCES = {
         "es.divide_by_sigma": False, "es.weight_decay": 0.005, "es.weight_decay_mode": "l2",
         "es.episode_cap_factor": 0.0, "es.env_seeds": "per_episode", "es.noise_seed": 123,
         "env.obs_stat_prob": 0.01, "env.obs_var_floor": 0.01, "env.obs_clip": 5.0,
+        "env.obs_squares": "exact",
         "policy.kind": "mlp", "policy.hidden": [256, 256], "policy.activation": "tanh",
         "policy.action_mapping": "linear", "policy.init": "normc",
         "policy.action_noise_std": 0.01, "policy.action_bins": "continuous"},
