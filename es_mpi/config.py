@@ -224,8 +224,9 @@ KEY_SCOPE: dict[str, tuple[str, ...]] = {
     **{f"env.{k}": ("atari",) for k in (
         "frame_skip", "max_pool_frames", "noop_max", "screen_size", "grayscale", "frame_stack",
         "frame_stack_reset", "repeat_action_probability", "full_action_space", "max_frames",
-        "terminal_on_life_loss", "clip_rewards")},
-    **{f"env.{k}": ("normalize_obs",) for k in ("obs_stat_prob", "obs_var_floor", "obs_clip")},
+        "terminal_on_life_loss", "clip_rewards", "pool_order")},
+    **{f"env.{k}": ("normalize_obs",) for k in (
+        "obs_stat_prob", "obs_var_floor", "obs_clip", "obs_squares")},
     **{f"policy.{k}": ("mlp",) for k in ("hidden", "activation", "init")},
     **{f"policy.{k}": ("dt",) for k in (
         "context", "n_embd", "n_layer", "n_head", "inner_mult", "max_ep_len", "rtg_scale",
