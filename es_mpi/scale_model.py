@@ -470,10 +470,10 @@ def suggest(job: str | Path, ntasks: int, inputs: dict, overrides: list[str] = (
     and the #SBATCH values that follow from them."""
     from dataclasses import replace
 
-    from .config import load_job
+    from .config import job_path, load_job
     from .iteration import n_eval_items
 
-    path = Path(job)
+    path = job_path(job)
     cfg = load_job(path, list(overrides))
     name = measured_job(cfg, path, inputs["jobs"])
     m = inputs["jobs"][name]
@@ -513,6 +513,14 @@ def report(s: Sizing) -> str:
     return "\n".join(lines)
 
 
+def read_inputs(path: str) -> dict:
+    from .config import ConfigError
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--inputs {path}: cannot read the measured inputs: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
@@ -530,16 +538,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value, as for es_mpi.run")
     args = p.parse_intermixed_args(argv)
     try:
-        if args.ntasks < 1:
-            raise ConfigError(f"--ntasks: must be a positive integer, got {args.ntasks}")
-        inputs = json.loads(Path(args.inputs).read_text())
-        job = args.job if Path(args.job).is_file() or Path(args.job).is_absolute() \
-            else str(REPO / args.job)
-        print(report(suggest(job, args.ntasks, inputs, args.overrides,
-                             int(args.max_time * 3600), args.late_steps)).replace(job, args.job))
-    except (ConfigError, OSError) as exc:
+        for name, value in (("--ntasks", args.ntasks), ("--max-time", args.max_time),
+                            ("--late-steps", args.late_steps)):
+            if value <= 0:
+                raise ConfigError(f"{name}: must be positive, got {value}")
+        sizing = suggest(args.job, args.ntasks, read_inputs(args.inputs), args.overrides,
+                         int(args.max_time * 3600), args.late_steps)
+    except ConfigError as exc:
         print(f"es_mpi: configuration error: {exc}", file=sys.stderr)
         return 2
+    print(report(sizing))
     return 0
 
 

@@ -60,6 +60,7 @@ def test_command_prints_the_template_lines_from_any_directory(tmp_path: Path, in
 
 @pytest.mark.parametrize("args,says", [
     (["jobs/humanoid_mlp.yaml", "--ntasks", "0"], "--ntasks"),
+    (["jobs/humanoid_mlp.yaml", "--ntasks", "8", "--inputs", "/nonexistent.json"], "--inputs"),
     (["jobs/no_such_job.yaml", "--ntasks", "8"], "does not exist"),
     (["jobs/atari_hero_cnn.yaml", "--ntasks", "8"], "no measured costs"),
     (["jobs/humanoid_mlp.yaml", "--ntasks", "8", "es.sigmaa=1"], "es.sigmaa"),
