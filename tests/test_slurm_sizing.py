@@ -100,3 +100,12 @@ def test_rules() -> None:
     assert time_s == 24 * 3600 and runs == 7  # 150 h of padded work in runs of ~23.9 h
     assert sm.mem_per_cpu(400, 250_000_000) == 1536  # 500 + 954 MiB -> 1,536
     assert sm.hms(90061) == "25:01:01"
+
+
+def test_readme_shows_what_the_command_prints(inputs: dict) -> None:
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"^python -m es_mpi\.scale_model (\S+) --ntasks (\d+)", readme, re.M)
+    assert command, "README lost its sizing example"
+    shown = re.search(r"```\n(" + re.escape(command.group(1)) + r" at .*?)```", readme, re.S)
+    printed = sm.report(sm.suggest(command.group(1), int(command.group(2)), inputs))
+    assert shown and shown.group(1).strip() == printed
