@@ -104,8 +104,8 @@ def test_rules() -> None:
 
 def test_readme_shows_what_the_command_prints(inputs: dict) -> None:
     readme = (REPO / "README.md").read_text()
-    command = re.search(r"^python -m es_mpi\.scale_model (\S+) --ntasks (\d+)", readme, re.M)
-    assert command, "README lost its sizing example"
-    shown = re.search(r"```\n(" + re.escape(command.group(1)) + r" at .*?)```", readme, re.S)
-    printed = sm.report(sm.suggest(command.group(1), int(command.group(2)), inputs))
-    assert shown and shown.group(1).strip() == printed
+    shown = re.search(r"```\n((jobs/\S+) at (\d+) tasks .*?)```", readme, re.S)
+    assert shown, "README lost its sizing example"
+    job, tasks = shown.group(2), shown.group(3)
+    assert f"python -m es_mpi.scale_model {job} --ntasks {tasks}" in readme
+    assert shown.group(1).strip() == sm.report(sm.suggest(job, int(tasks), inputs))
