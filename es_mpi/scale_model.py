@@ -432,25 +432,24 @@ def mem_per_cpu(rank_mib: float, table_values: int) -> int:
     return round_up(MEM_SAFETY * rank_mib + table_values * 4 / 2 ** 20, 256)
 
 
-def _section(cfg, name: str) -> dict:
+def same_policy(a, b) -> bool:
+    """Two jobs whose episodes cost the same: one env.id, one policy section."""
     from dataclasses import asdict
-    return asdict(getattr(cfg, name))
+    return a.env.id == b.env.id and asdict(a.policy) == asdict(b.policy)
 
 
 def measured_job(cfg, path: Path, measured: dict) -> str:
-    """The measured job whose costs apply: the job's own name, else a measured job with the
-    same env.id and policy section (a variant of a paper job: other ES keys, other run.dir)."""
+    """The measured job whose costs apply: one with the job's env.id and policy section (the
+    job itself, or a variant of it with other ES or run keys), by name first."""
     from .config import ConfigError, load_job
 
-    if path.stem in measured:
-        return path.stem
-    for name in measured:
-        ref = load_job(REPO / "jobs" / f"{name}.yaml")
-        if ref.env.id == cfg.env.id and _section(ref, "policy") == _section(cfg, "policy"):
-            return name
-    raise ConfigError(f"{path}: no measured costs for a policy like this job's (measured: "
-                      f"{', '.join(measured)}); measure them with `python bench/scale_model.py "
-                      "measure` and pass --inputs")
+    same = [name for name in measured
+            if same_policy(cfg, load_job(REPO / "jobs" / f"{name}.yaml"))]
+    if not same:
+        raise ConfigError(f"{path}: no measured costs for a policy like this job's (measured: "
+                          f"{', '.join(measured)}); measure them with `python bench/scale_model.py "
+                          "measure` and pass --inputs")
+    return path.stem if path.stem in same else same[0]
 
 
 def job_lengths(m: dict, shape: JobShape, late_steps: int) -> dict:

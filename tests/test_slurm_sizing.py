@@ -109,3 +109,11 @@ def test_readme_shows_what_the_command_prints(inputs: dict) -> None:
     job, tasks = shown.group(2), shown.group(3)
     assert f"python -m es_mpi.scale_model {job} --ntasks {tasks}" in readme
     assert shown.group(1).strip() == sm.report(sm.suggest(job, int(tasks), inputs))
+
+
+def test_a_job_named_like_a_paper_job_needs_its_policy_too(tmp_path: Path, inputs) -> None:
+    from es_mpi.config import load_job
+
+    path = tmp_path / "humanoid_dt.yaml"  # the Humanoid MLP under the DT's name
+    path.write_text((REPO / "jobs" / "humanoid_mlp.yaml").read_text())
+    assert sm.measured_job(load_job(path), path, inputs["jobs"]) == "humanoid_mlp"
