@@ -117,3 +117,13 @@ def test_a_job_named_like_a_paper_job_needs_its_policy_too(tmp_path: Path, input
     path = tmp_path / "humanoid_dt.yaml"  # the Humanoid MLP under the DT's name
     path.write_text((REPO / "jobs" / "humanoid_mlp.yaml").read_text())
     assert sm.measured_job(load_job(path), path, inputs["jobs"]) == "humanoid_mlp"
+
+
+def test_readme_resize_examples_use_the_derived_sizes(inputs: dict) -> None:
+    readme = (REPO / "README.md").read_text()
+    found = re.findall(r"sbatch --ntasks=(\d+) --time=(\S+) --signal=(\S+) slurm/(\w+)\.sh",
+                       readme)
+    assert found, "README lost its resize example"
+    for tasks, time, signal, name in found:
+        sizing = sm.suggest(f"jobs/{name}.yaml", int(tasks), inputs)
+        assert [f"--time={time}", f"--signal={signal}"] == sizing.directives()[1:3]
