@@ -337,17 +337,10 @@ def with_bandwidth(costs: sm.JobCosts, bandwidth: float | None) -> sm.JobCosts:
 
 
 def make_fabric(measured: dict, args, ranks_per_node: int | None = None) -> sm.Fabric:
-    """The measured intra-node fabric plus the assumed inter-node one (command line). The
-    measured fetch round trip includes one service at the counter, which the model adds
-    itself (scale_model.dynamic_busy), so the transport part is the difference."""
-    return sm.Fabric(
-        intra=sm.Link(measured["intra_latency"], measured["intra_byte_time"]),
-        inter=sm.Link(args.inter_latency, 1.0 / args.inter_bandwidth),
-        per_object=measured["per_object"],
-        fetch_intra=max(0.0, measured["fetch_intra"] - measured["atomic_service"]),
-        fetch_inter=args.inter_fetch, atomic_intra=measured["atomic_service"],
-        atomic_inter=args.inter_atomic,
-        ranks_per_node=ranks_per_node or args.ranks_per_node)
+    """The measured intra-node fabric plus the assumed inter-node one (command line)."""
+    return sm.fabric_from(measured, sm.Link(args.inter_latency, 1.0 / args.inter_bandwidth),
+                          args.inter_fetch, args.inter_atomic,
+                          ranks_per_node or args.ranks_per_node)
 
 
 def node_bandwidth(inputs: dict, args) -> float:
@@ -411,9 +404,7 @@ class JobMeasurement:
                 "costs": dataclasses.asdict(costs), "episode_limit": episode_limit(self.env)}
 
 
-def costs_from(d: dict) -> sm.JobCosts:
-    ep = sm.EpisodeCost(**(d["episode"] | {"policy_head": tuple(d["episode"]["policy_head"])}))
-    return sm.JobCosts(**(d | {"episode": ep, "update": sm.UpdateCost(**d["update"])}))
+costs_from = sm.costs_from
 
 
 # ----------------------------------------------------------------------------- lengths

@@ -600,9 +600,22 @@ def _check_targets(cfg: JobConfig) -> None:
                           "needs a non-empty list of targets")
 
 
-def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
-    """Load a job YAML, apply dotted `section.key=value` overrides, validate."""
+REPO = Path(__file__).resolve().parents[1]  # the checkout es_mpi runs from (pip install -e)
+
+
+def job_path(path: str | Path) -> Path:
+    """`path`, or the shipped job of that name (`jobs/NAME.yaml` of the repository) when a
+    relative path is not found from the current directory: the README's commands then run
+    from any directory."""
     path = Path(path)
+    if path.is_file() or path.is_absolute() or not (REPO / path).is_file():
+        return path
+    return REPO / path
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Load a job YAML (see job_path), apply dotted `section.key=value` overrides, validate."""
+    path = job_path(path)
     if not path.is_file():
         raise ConfigError(f"job file {str(path)!r} does not exist")
     try:

@@ -1,5 +1,7 @@
 """A model of one iteration's seconds at P ranks, from measured costs (pure: no MPI, no torch).
 
+    python -m es_mpi.scale_model jobs/humanoid_dt.yaml --ntasks 30    # #SBATCH sizes for a seed
+
     iteration = plan + rollout + exchange + update      (results.h5's iteration_seconds)
     per loop  = iteration + the loop's checks + rank 0's writes
 
@@ -23,9 +25,13 @@
 """
 from __future__ import annotations
 
+import argparse
 import heapq
+import json
 import math
+import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -334,3 +340,215 @@ def late_mix(falls: np.ndarray, n: int, limit: int, full_share: float,
 def item_lengths(eval_lengths: np.ndarray, train_lengths: np.ndarray) -> np.ndarray:
     """Lengths in item order: the E evaluation episodes, then the 2N training episodes."""
     return np.concatenate([np.asarray(eval_lengths, np.int64), np.asarray(train_lengths, np.int64)])
+
+
+# ----------------------------------------------------------------------------- measured inputs
+def costs_from(d: dict) -> JobCosts:
+    """A job's costs from its record in the inputs JSON (docs/scale_model_inputs.json)."""
+    ep = EpisodeCost(**(d["episode"] | {"policy_head": tuple(d["episode"]["policy_head"])}))
+    return JobCosts(**(d | {"episode": ep, "update": UpdateCost(**d["update"])}))
+
+
+def fabric_from(measured: dict, inter: Link, inter_fetch: float, inter_atomic: float,
+                ranks_per_node: int) -> Fabric:
+    """The measured intra-node fabric plus an assumed inter-node one. The measured fetch round
+    trip includes one service at the counter, which the model adds itself (dynamic_busy), so
+    the transport part is the difference."""
+    return Fabric(intra=Link(measured["intra_latency"], measured["intra_byte_time"]),
+                  inter=inter, per_object=measured["per_object"],
+                  fetch_intra=max(0.0, measured["fetch_intra"] - measured["atomic_service"]),
+                  fetch_inter=inter_fetch, atomic_intra=measured["atomic_service"],
+                  atomic_inter=inter_atomic, ranks_per_node=ranks_per_node)
+
+
+# ----------------------------------------------------------------------------- SLURM sizing
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_INPUTS = REPO / "docs" / "scale_model_inputs.json"
+# between nodes, what one machine cannot measure (bench/scale_model.py's --inter-* defaults)
+ASSUMED_INTER = (Link(2e-6, 1 / 10e9), 3e-6, 5e-7)
+RANKS_PER_NODE = 16
+SAFETY = 1.5  # on every predicted second: the model ran up to 12 % low against real
+# iterations, late-training lengths are assumptions, a site's cores may be slower
+MARGIN_S = 120  # slurmctld acts on limits every ~30 s; the ranks exit after the checkpoint
+START_S = 120  # per run of the job: imports, the 1 GB noise table, reading the checkpoint
+LATE_SHARE = 0.7  # late training: this share of episodes runs LATE_STEPS, the rest fall early
+LATE_STEPS = 2500  # cap on the late episode length: Humanoid's 1,000-step limit is reached;
+# Atari's 27,000 steps are not (an assumption, not a measurement: 10,000 frames, ~2.8 minutes
+# of play, 3x the longest early Hero episode measured)
+MAX_TIME_S = 24 * 3600  # default cap on --time: longer runs checkpoint and requeue
+# private memory of one rank (peak RSS less its share of the noise table), MiB, measured with
+# /usr/bin/time -v at 2 ranks (docs/performance.md, "Sizing a SLURM job")
+RANK_MIB = {"humanoid_mlp": 381, "humanoid_dt": 450, "humanoid_openai": 390, "atari_hero": 621}
+MEM_SAFETY = 1.25
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """Suggested #SBATCH values for one seed of a job at `ntasks` ranks (seconds, MiB)."""
+
+    job: str
+    measured_as: str
+    ntasks: int
+    iterations: int
+    early: float  # predicted seconds of an iteration (loop included), early lengths
+    late: float  # ... late-training lengths: the longest iterations of a run
+    run_seconds: float  # the whole run at late lengths, unpadded
+    time_s: int
+    signal_s: int
+    mem_mib: int
+    runs: int  # runs of the job (the first + requeues) at time_s each
+
+    def directives(self) -> list[str]:
+        return [f"--ntasks={self.ntasks}", f"--time={hms(self.time_s)}",
+                f"--signal=B:USR1@{self.signal_s}", f"--mem-per-cpu={self.mem_mib}M"]
+
+
+def hms(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def round_up(seconds: float, step: int) -> int:
+    return int(math.ceil(seconds / step) * step)
+
+
+def signal_lead(late: float, checkpoint: float) -> int:
+    """--signal lead: the longest iteration plus a checkpoint write, padded, plus the margin;
+    whole minutes."""
+    return round_up(SAFETY * (late + checkpoint) + MARGIN_S, 60)
+
+
+def time_limit(run_seconds: float, lead: int, cap: int) -> tuple[int, int]:
+    """(--time, runs): the padded run plus the lead, in quarter hours, at most `cap` (then the
+    job checkpoints and requeues: runs > 1; each run loses its start and the margin)."""
+    want = round_up(SAFETY * (START_S + run_seconds) + lead, 900)
+    if want <= cap:
+        return want, 1
+    return cap, math.ceil(SAFETY * run_seconds / (cap - SAFETY * START_S - MARGIN_S))
+
+
+def mem_per_cpu(rank_mib: float, table_values: int) -> int:
+    """MiB per rank: its private memory, padded, plus the whole noise table (a node may hold
+    a single rank of the job, and then the table's only copy is in that rank's share)."""
+    return round_up(MEM_SAFETY * rank_mib + table_values * 4 / 2 ** 20, 256)
+
+
+def same_policy(a, b) -> bool:
+    """Two jobs whose episodes cost the same: one env.id, one policy section."""
+    from dataclasses import asdict
+    return a.env.id == b.env.id and asdict(a.policy) == asdict(b.policy)
+
+
+def measured_job(cfg, path: Path, measured: dict) -> str:
+    """The measured job whose costs apply: one with the job's env.id and policy section (the
+    job itself, or a variant of it with other ES or run keys), by name first."""
+    from .config import ConfigError, load_job
+
+    same = [name for name in measured
+            if same_policy(cfg, load_job(REPO / "jobs" / f"{name}.yaml"))]
+    if not same:
+        raise ConfigError(f"{path}: no measured costs for a policy like this job's (measured: "
+                          f"{', '.join(measured)}); measure them with `python bench/scale_model.py "
+                          "measure` and pass --inputs")
+    return path.stem if path.stem in same else same[0]
+
+
+def job_lengths(m: dict, shape: JobShape, late_steps: int) -> dict:
+    """early/late -> draw(rng) of item lengths (bench/scale_model.py's distributions, with the
+    late length capped at `late_steps`)."""
+    train, n = np.asarray(m["lengths"]["train"]), 2 * shape.n_pairs
+    early_eval = np.full(shape.n_eval, int(round(m["lengths"]["eval_mean"])))
+    limit = min(m["episode_limit"], late_steps)
+    return {"early": lambda rng: item_lengths(early_eval, resample(train, n, rng)),
+            "late": lambda rng: item_lengths(np.full(shape.n_eval, limit),
+                                             late_mix(train, n, limit, LATE_SHARE, rng))}
+
+
+def suggest(job: str | Path, ntasks: int, inputs: dict, overrides: list[str] = (),
+            max_time: int = MAX_TIME_S, late_steps: int = LATE_STEPS) -> Sizing:
+    """Predicted iterations of `job` at `ntasks` ranks (dynamic + world_split, 16 ranks a node)
+    and the #SBATCH values that follow from them."""
+    from dataclasses import replace
+
+    from .config import job_path, load_job
+    from .iteration import n_eval_items
+
+    path = job_path(job)
+    cfg = load_job(path, list(overrides))
+    name = measured_job(cfg, path, inputs["jobs"])
+    m = inputs["jobs"][name]
+    shape = replace(JobShape(**m["shape"]), n_pairs=cfg.es.population, n_eval=n_eval_items(cfg),
+                    checkpoint_every=cfg.run.checkpoint_every, verify_every=cfg.run.verify_every)
+    costs = costs_from(m["costs"])
+    fabric = fabric_from(inputs["fabric"], *ASSUMED_INTER, RANKS_PER_NODE)
+    per = {dist: mean_prediction(draw, 3, 0, lambda lens: predict(
+        shape, costs, fabric, lens, ntasks, cfg.run.assignment, cfg.run.update)).total
+        for dist, draw in job_lengths(m, shape, late_steps).items()}
+    run_seconds = cfg.run.iterations * per["late"]
+    lead = signal_lead(per["late"], costs.write_checkpoint)
+    time_s, runs = time_limit(run_seconds, lead, max_time)
+    return Sizing(str(job), name, ntasks, cfg.run.iterations, per["early"], per["late"],
+                  run_seconds, time_s, lead, mem_per_cpu(RANK_MIB[name],
+                                                         cfg.es.noise_table_size), runs)
+
+
+def report(s: Sizing) -> str:
+    """What `python -m es_mpi.scale_model JOB --ntasks N` prints: the numbers, then the
+    #SBATCH lines (the slurm/ templates carry these, tests/test_slurm_sizing.py checks it)."""
+    runs = "one run" if s.runs == 1 else f"{s.runs} runs of {hms(s.time_s)} (each checkpoints " \
+        "and requeues itself)"
+    lines = [f"{s.job} at {s.ntasks} tasks (costs measured for {s.measured_as}; "
+             f"{RANKS_PER_NODE} ranks a node):",
+             f"  predicted seconds per iteration: {s.early:.3g} early in training, {s.late:.3g} "
+             f"late ({100 * LATE_SHARE:.0f} % of episodes at the length limit, <= {LATE_STEPS})",
+             f"  whole run: {s.iterations} iterations at late lengths = "
+             f"{s.run_seconds / 3600:.3g} h -> {runs}",
+             f"#SBATCH {s.directives()[0]}",
+             f"#SBATCH {s.directives()[1]}",
+             f"#SBATCH {s.directives()[2]}",
+             f"#SBATCH {s.directives()[3]}"]
+    if s.signal_s * 2 > s.time_s:
+        lines.append("  WARNING: the signal lead is over half of --time: an iteration at this "
+                     "size is too long for the time limit; use more tasks")
+    return "\n".join(lines)
+
+
+def read_inputs(path: str) -> dict:
+    from .config import ConfigError
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--inputs {path}: cannot read the measured inputs: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    p = argparse.ArgumentParser(
+        prog="python -m es_mpi.scale_model",
+        description="Suggest #SBATCH --ntasks/--time/--signal/--mem-per-cpu for one seed of a "
+                    "job at N tasks, from the scale model and its measured inputs.")
+    p.add_argument("job", help="job YAML (a path, or jobs/NAME.yaml of this repository)")
+    p.add_argument("--ntasks", type=int, required=True, help="MPI ranks of one seed")
+    p.add_argument("--max-time", type=float, default=MAX_TIME_S / 3600,
+                   help="hours: the longest --time to suggest (your site's limit; default 24)")
+    p.add_argument("--late-steps", type=int, default=LATE_STEPS,
+                   help="late-training episode length (steps) assumed; default %(default)s")
+    p.add_argument("--inputs", default=str(DEFAULT_INPUTS), help="measured inputs JSON")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as for es_mpi.run")
+    args = p.parse_intermixed_args(argv)
+    try:
+        for name, value in (("--ntasks", args.ntasks), ("--max-time", args.max_time),
+                            ("--late-steps", args.late_steps)):
+            if value <= 0:
+                raise ConfigError(f"{name}: must be positive, got {value}")
+        sizing = suggest(args.job, args.ntasks, read_inputs(args.inputs), args.overrides,
+                         int(args.max_time * 3600), args.late_steps)
+    except ConfigError as exc:
+        print(f"es_mpi: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(report(sizing))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

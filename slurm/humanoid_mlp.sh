@@ -2,28 +2,33 @@
 # OpenAI-ES, MLP policy on MuJoCo Humanoid-v4 (Lorenc & Neruda 2025: 5,000 pairs, 200 iters).
 #
 # From the repository root:
-#   sbatch slurm/humanoid_mlp.sh                   # 10 seeds, one per array task
+#   sbatch slurm/humanoid_mlp.sh                   # 10 seeds side by side, 30 ranks each
 #   sbatch slurm/humanoid_mlp.sh es.sigma=0.01     # arguments: extra section.key=value overrides
-#   sbatch --ntasks=64 --time=2:00:00 slurm/humanoid_mlp.sh   # resize without editing
+#   python -m es_mpi.scale_model jobs/humanoid_mlp.yaml --ntasks 60   # sizes for 60 ranks
+#   sbatch --ntasks=60 --time=T --signal=B:USR1@S --mem-per-cpu=M slurm/humanoid_mlp.sh  # with them
 #   sbatch slurm/humanoid_mlp.sh                   # again: every seed continues its own run
 # Array index i trains seed ES_SEED_BASE+i (default i) in ES_RUN_ROOT/seed<i> (default
 # results/humanoid_mlp/seed<i>) and logs to slurm/logs/humanoid_mlp_<i>.log, appended across
 # requeues and resubmissions. Any --ntasks gives bitwise the same theta for a seed.
+# Sizes: --time, --signal and --mem-per-cpu are what `python -m es_mpi.scale_model
+# jobs/humanoid_mlp.yaml --ntasks 30` prints (the scale model with a 1.5x safety factor; README,
+# "Sizing"); tests/test_slurm_sizing.py keeps them equal. Resize all four together.
 # Knobs (ES_LAUNCHER, ES_SRUN_MPI, ES_PYTHON, ES_JOB, ES_OVERRIDES, ...): slurm/es_job.sh.
 # Site MPI and mpi4py: README, "Running on a SLURM cluster".
 #
 #SBATCH --job-name=humanoid_mlp
-#SBATCH --ntasks=300                # MPI ranks, one per core: your share of the cluster
+#SBATCH --ntasks=30                 # MPI ranks of one seed: 10 seeds fit side by side on 300 cores
 #SBATCH --cpus-per-task=1           # one thread per rank
-#SBATCH --time=12:00:00             # per run of the job; longer runs checkpoint and requeue
-#SBATCH --array=0-9                 # the paper's 10 seeds
-#SBATCH --signal=B:USR1@600         # lead time > one iteration + a checkpoint + 60 s
+#SBATCH --hint=nomultithread        # on a core of its own, not a hyperthread
+#SBATCH --time=07:00:00             # per run of the job; longer runs checkpoint and requeue
+#SBATCH --array=0-9                 # the paper's 10 seeds, each its own MPI world
+#SBATCH --signal=B:USR1@300         # > the longest iteration + a checkpoint, x1.5, + 2 min
 #SBATCH --requeue
 #SBATCH --open-mode=append          # requeued and resubmitted tasks append to their log
 #SBATCH --output=slurm/logs/%x_%a.log
 ##SBATCH --partition=...            # site-specific: uncomment and fill in
 ##SBATCH --account=...
-##SBATCH --mem-per-cpu=2G           # the 1 GB noise table is held once per node
+#SBATCH --mem-per-cpu=1536M         # a rank's own memory x1.25 + the 1 GB noise table
 
 # Site set-up (see README), e.g.:
 # module load mpich                 # Open MPI: module load openmpi; export ES_SRUN_MPI=pmix

@@ -54,7 +54,7 @@ SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs={cpus} RealMemory=1000 State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs={cpus} RealMemory={memory} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -240,7 +240,8 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         self.conf.write_text(SLURM_CONF.format(
-            root=self.root, cpus=self.cpus, munge_socket=self.munge_socket,
+            root=self.root, cpus=self.cpus, memory=node_memory_mib(),
+            munge_socket=self.munge_socket,
             ctld_port=_free_port(), slurmd_port=_free_port()))
 
     def _wait_idle(self, timeout: float) -> None:
@@ -269,6 +270,14 @@ class SlurmCluster:
             if path.exists():
                 texts.append(path.read_text(errors="replace")[-1500:])
         return "\n".join(texts)
+
+
+def node_memory_mib() -> int:
+    """Most of this machine's memory, MiB: the templates ask for --mem-per-cpu, which SLURM
+    checks against the node's RealMemory (slurmd refuses a node that claims more than it has)."""
+    with open("/proc/meminfo") as f:
+        total_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    return int(total_kib / 1024 * 0.9)
 
 
 def start_or_skip_reason(cpus: int | None = None,

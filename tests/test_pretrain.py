@@ -207,7 +207,7 @@ def test_pretrained_file_is_the_documented_format(pendulum):
 def test_a_dataset_made_with_minaris_data_collector_pretrains(tmp_path):
     """Minari's own tools (DataCollector on a gymnasium env, a dataset id in the local store)."""
     pytest.importorskip("jax", reason="Minari's DataCollector needs jax: pip install "
-                                      "'minari[create]' (in es_mpi's test extra)")
+                                      "'es_mpi[create]' (not in the test extra)")
     env = child_env(MINARI_DATASETS_PATH=str(tmp_path / "store"))
     script = (
         "import gymnasium as gym, minari\n"
