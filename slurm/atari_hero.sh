@@ -3,7 +3,7 @@
 # 60 iterations).
 #
 # From the repository root:
-#   sbatch slurm/atari_hero.sh                   # 10 seeds side by side, 30 ranks each
+#   sbatch slurm/atari_hero.sh                   # 10 seeds, 100 ranks each, 3 side by side on 300 cores
 #   sbatch slurm/atari_hero.sh es.sigma=0.01     # arguments: extra section.key=value overrides
 #   python -m es_mpi.scale_model jobs/atari_hero.yaml --ntasks 60   # sizes for 60 ranks
 #   sbatch --ntasks=60 --time=T --signal=B:USR1@S --mem-per-cpu=M slurm/atari_hero.sh  # with them
@@ -12,18 +12,20 @@
 # results/atari_hero/seed<i>) and logs to slurm/logs/atari_hero_<i>.log, appended across
 # requeues and resubmissions. Any --ntasks gives bitwise the same theta for a seed.
 # Sizes: --time, --signal and --mem-per-cpu are what `python -m es_mpi.scale_model
-# jobs/atari_hero.yaml --ntasks 30` prints (the scale model with a 1.5x safety factor; README,
+# jobs/atari_hero.yaml --ntasks 100` prints (the scale model with a 1.5x safety factor; README,
 # "Sizing"); tests/test_slurm_sizing.py keeps them equal. Resize all four together.
 # Knobs (ES_LAUNCHER, ES_SRUN_MPI, ES_PYTHON, ES_JOB, ES_OVERRIDES, ...): slurm/es_job.sh.
 # Site MPI and mpi4py: README, "Running on a SLURM cluster".
 #
 #SBATCH --job-name=atari_hero
-#SBATCH --ntasks=30                 # MPI ranks of one seed: 10 seeds fit side by side on 300 cores
+#SBATCH --ntasks=100                # MPI ranks of one seed (not 30 as the Humanoid templates: a late
+                                    # Hero iteration would take 7.5 h, and an iteration is what a
+                                    # preemption can lose); 3 seeds side by side on 300 cores
 #SBATCH --cpus-per-task=1           # one thread per rank
 #SBATCH --hint=nomultithread        # on a core of its own, not a hyperthread
 #SBATCH --time=24:00:00             # per run of the job; longer runs checkpoint and requeue
 #SBATCH --array=0-9                 # the paper's 10 seeds, each its own MPI world
-#SBATCH --signal=B:USR1@40860       # > the longest iteration + a checkpoint, x1.5, + 2 min
+#SBATCH --signal=B:USR1@12360       # > the longest iteration + a checkpoint, x1.5, + 2 min
 #SBATCH --requeue
 #SBATCH --open-mode=append          # requeued and resubmitted tasks append to their log
 #SBATCH --output=slurm/logs/%x_%a.log
