@@ -16,7 +16,7 @@ Reads files only: never imports es_mpi.comm or mpi4py.
 """
 from __future__ import annotations
 
-import os  # noqa: F401
+import os
 
 from .determinism import pin_cpu_kernels
 
@@ -66,8 +66,8 @@ def probe_gl(backend: str) -> str | None:
 def choose_gl_backend(environ=os.environ) -> str:
     """The MUJOCO_GL to render with: the user's if set and working, else the first of
     GL_BACKENDS that works; ConfigError naming what to install when none does."""
-    hint = ("install one (Debian/Ubuntu: apt-get install " + GL_PACKAGES["egl"]
-            + " for EGL, or apt-get install " + GL_PACKAGES["osmesa"] + " for OSMesa)")
+    hint = (f"install one (Debian/Ubuntu: apt-get install {GL_PACKAGES['egl']} for EGL, or "
+            f"apt-get install {GL_PACKAGES['osmesa']} for OSMesa)")
     user = environ.get("MUJOCO_GL")
     if user:
         why = probe_gl(user)
