@@ -1,12 +1,13 @@
 """Progress of a long loop on stderr: a tqdm bar on a terminal, otherwise (a log file, SLURM
-output) a plain line at most every `interval` seconds and one at the end, with done/total,
-rate and ETA, so a log is neither silent for minutes nor flooded with carriage returns."""
+output, mpiexec's forwarded stderr) plain lines with done/total, rate and ETA, and one at the
+end, so a log is neither silent for minutes nor flooded with carriage returns. The lines come
+a tenth of the elapsed time apart, at least 5 s and at most 60 s (about 600 in 10 hours)."""
 from __future__ import annotations
 
 import sys
 import time
 
-LINE_INTERVAL = 30.0  # seconds between progress lines in a log
+LINE_GAP = (5.0, 60.0)  # least and most seconds between progress lines in a log
 
 
 def format_seconds(seconds: float) -> str:
@@ -20,15 +21,16 @@ class LineProgress:
     """tqdm's update / set_postfix / close, written as rate-limited lines."""
 
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0, stream=None,
-                 interval: float = LINE_INTERVAL, clock=time.monotonic):
+                 gap: tuple[float, float] = LINE_GAP, clock=time.monotonic):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
-        self.stream, self.interval, self.clock = stream or sys.stderr, interval, clock
+        self.stream, self.gap, self.clock = stream or sys.stderr, gap, clock
         self.start_n, self.start = initial, clock()
         self.last, self.postfix = self.start, ""
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if self.clock() - self.last >= self.interval:
+        now = self.clock()
+        if now - self.last >= min(max(0.1 * (now - self.start), self.gap[0]), self.gap[1]):
             self.write()
 
     def set_postfix(self, refresh: bool = True, **items) -> None:

@@ -25,15 +25,19 @@ from mpi_helpers import REPO, child_env, mpirun, run_job
 def test_progress_lines_are_rate_limited_with_an_eta():
     now = [0.0]
     out = io.StringIO()
-    bar = LineProgress(10, "evaluate", "episodes", stream=out, interval=30, clock=lambda: now[0])
-    for _ in range(4):
-        now[0] += 10.0
+    bar = LineProgress(1000, "pretrain", "steps", stream=out, clock=lambda: now[0])
+    for _ in range(900):  # a step every 2 s: lines 5 s apart, then a tenth of the time so far
+        now[0] += 2.0
         bar.update(1)
-    assert out.getvalue().splitlines() == [
-        "evaluate: 3/10 episodes in 0:30 (0.1 episodes/s, ETA 1:10)"]
-    now[0] += 5.0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "pretrain: 3/1000 steps in 0:06 (0.5 steps/s, ETA 33:14)"
+    times = [float(line.split()[1].split("/")[0]) * 2 for line in lines]
+    gaps = np.diff(times)
+    assert gaps.min() >= 5 and gaps.max() <= 62 and gaps[-1] >= 60  # at most 60 s apart
+    assert len(lines) < 60
+    now[0] += 1.0
     bar.close()
-    assert out.getvalue().splitlines()[-1] == "evaluate: 4/10 episodes in 0:45 (0.0889 episodes/s)"
+    assert out.getvalue().splitlines()[-1] == "pretrain: 900/1000 steps in 30:01 (0.5 steps/s)"
 
 
 def test_the_target_return_column_only_for_a_policy_that_takes_one():
