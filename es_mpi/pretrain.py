@@ -309,13 +309,10 @@ def train(job: Job, args, partial: dict | None = None) -> Curve:
 
     rng = np.random.default_rng([args.seed, 0xBC])
     gen = torch.Generator().manual_seed(args.seed)
-    held = [draw_batch(np.random.default_rng([args.seed, 0x4E1D, i]), job.corpus,
-                       job.corpus.heldout, job.settings, job.policy, job.dt)
-            for i in range(args.heldout_batches)] if len(job.corpus.heldout[0]) else []
+    held = heldout_batches(job, args)
     opt, sched = make_optimizer(job.policy, job.settings)
-    loop = TrainLoop(Curve(), 0, [])
-    if partial is not None:
-        loop = restore_partial(partial, job, opt, sched, rng, gen)
+    loop = TrainLoop(Curve(), 0, []) if partial is None else \
+        restore_partial(partial, job, opt, sched, rng, gen)
     curve, log_every = loop.curve, max(1, args.steps // 200)
     bar = progress(args.steps, "pretrain", "steps", initial=loop.done)
     while loop.done < args.steps:
@@ -341,6 +338,15 @@ def train(job: Job, args, partial: dict | None = None) -> Curve:
             write_partial(partial_path(args.out), job, args, loop, opt, sched, rng, gen)
     bar.close()
     return curve
+
+
+def heldout_batches(job: Job, args) -> list:
+    """The fixed batches of held-out windows (none without held-out episodes)."""
+    if not len(job.corpus.heldout[0]):
+        return []
+    return [draw_batch(np.random.default_rng([args.seed, 0x4E1D, i]), job.corpus,
+                       job.corpus.heldout, job.settings, job.policy, job.dt)
+            for i in range(args.heldout_batches)]
 
 
 def evaluate_now(job: Job, args, held: list, curve: Curve, done: int, bar) -> None:
