@@ -65,7 +65,7 @@ def es_mpi_teacher(args) -> Teacher:
     return Teacher(ev.env, ev.cfg.env, ev.limit,
                    reset=lambda seed: pol.reset(None, seed=seed),
                    act=lambda obs: pol.act(ev.normalize(obs)), observe=pol.observe,
-                   provenance={"kind": "es_mpi", "path": str(ckpt.path),
+                   provenance={"kind": "es_mpi", "path": str(Path(ckpt.path).absolute()),
                                "iteration": ckpt.iteration, "policy": ev.cfg.policy.kind})
 
 
@@ -99,7 +99,8 @@ def sb3_teacher(args) -> Teacher:
                    act=lambda obs: model.predict(obs, deterministic=not args.stochastic)[0],
                    observe=lambda reward: None,
                    provenance={"kind": "stable-baselines3", "algorithm": args.sb3,
-                               "path": str(args.teacher), "stochastic": args.stochastic})
+                               "path": str(Path(args.teacher).absolute()),
+                               "stochastic": args.stochastic})
 
 
 def build_teacher(args) -> Teacher:
@@ -147,62 +148,104 @@ def record_episode(teacher: Teacher, env_seed: int, own_seed: int, max_steps: in
 
 
 def prepare(args, is_root: bool) -> Teacher:
-    """The cheap checks and the teacher (every rank); rank 0 also checks --out is free."""
-    from .demos import DATA_DIR, require_minari
+    """The cheap checks and the teacher (every rank)."""
+    from .demos import require_minari
 
     require_minari()
-    if args.episodes < 1:
-        raise ConfigError(f"--episodes: must be at least 1, got {args.episodes}")
+    for option, value, least in (("--episodes", args.episodes, 1), ("--seed", args.seed, 0),
+                                 ("--max-steps", args.max_steps, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{option}: must be at least {least}, got {value}")
     if args.noise < 0:
         raise ConfigError(f"--noise: must be >= 0, got {args.noise}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ConfigError(f"--max-steps: must be at least 1, got {args.max_steps}")
-    if is_root and (Path(args.out) / DATA_DIR / "metadata.json").exists():
-        raise ConfigError(f"--out: a dataset already exists at {args.out}; remove it or "
-                          "choose another path")
     return build_teacher(args)
 
 
-def open_writer(args, teacher: Teacher, cap: int, is_root: bool) -> tuple:
-    """(the dataset at --out, with es_mpi's provenance in its metadata,) on rank 0, (None,)
-    elsewhere; a folder that cannot be made is a ConfigError naming --out."""
+def collection_metadata(args, teacher: Teacher, cap: int) -> dict:
+    """What the dataset records of how it was made (es_mpi_* keys); a rerun must match it
+    to continue an interrupted collection."""
     import dataclasses
 
-    from .demos import DatasetWriter, space_summary
+    from .demos import space_summary
+
+    env = teacher.env
+    return {"env": dataclasses.asdict(teacher.env_cfg), "teacher": teacher.provenance,
+            "seed": args.seed, "max_steps": cap, "noise": args.noise, "episodes": args.episodes,
+            "observation_space": space_summary(env.observation_space),
+            "action_space": space_summary(env.action_space)}
+
+
+def differences(recorded: dict, metadata: dict) -> list[str]:
+    """The keys of `metadata` whose recorded value (es_mpi_<key>, JSON) differs."""
+    import json
+
+    out = []
+    for key, now in metadata.items():
+        raw = recorded.get(f"es_mpi_{key}")
+        then = None if raw is None else json.loads(raw)
+        if then != json.loads(json.dumps(now)):
+            out.append(f"{key}: {json.dumps(then)} in the dataset, {json.dumps(now)} now")
+    return out
+
+
+def resume_point(out: Path, recorded: dict, metadata: dict) -> int | None:
+    """Episodes already written by an interrupted run of this same command (None: the
+    dataset is complete); ConfigError if the dataset is another command's or not ours."""
+    from .demos import COMPLETE_KEY
+
+    state = recorded.get(COMPLETE_KEY)
+    if state is None:
+        raise ConfigError(f"--out: {out} holds a Minari dataset not made by es_mpi.collect; "
+                          "pass --overwrite to replace it, or choose another --out")
+    differ = "; ".join(differences(recorded, metadata))
+    n = int(recorded.get("total_episodes", 0))
+    if state == "true" and differ:
+        raise ConfigError(f"--out: a dataset already exists at {out}, collected with other "
+                          f"settings ({differ}); pass --overwrite to replace it, or choose "
+                          "another --out")
+    if differ:
+        raise ConfigError(f"--out: {out} holds an interrupted collection ({n} episodes) of "
+                          f"other settings ({differ}); rerun its command to finish it, or pass"
+                          " --overwrite to start afresh")
+    return None if state == "true" else n
+
+
+def open_writer(args, teacher: Teacher, cap: int, is_root: bool) -> tuple:
+    """(writer, first episode to record) on rank 0: a new dataset at --out, or the one an
+    interrupted run of the same command left (continued), or (None, --episodes) if that one
+    is complete; (None, 0) elsewhere. A folder that cannot be made is a ConfigError."""
+    from .demos import DATA_DIR, DatasetWriter, read_dataset_metadata, remove_dataset
 
     if not is_root:
-        return (None,)
-    env = teacher.env
-    metadata = {"env": dataclasses.asdict(teacher.env_cfg), "teacher": teacher.provenance,
-                "seed": args.seed, "max_steps": cap, "noise": args.noise,
-                "observation_space": space_summary(env.observation_space),
-                "action_space": space_summary(env.action_space)}
+        return None, 0
+    out, metadata = Path(args.out).absolute(), collection_metadata(args, teacher, cap)
     try:
-        return (DatasetWriter(args.out, env.observation_space, env.action_space, env.spec,
-                              metadata=metadata),)
+        if args.overwrite and (out / DATA_DIR).is_dir():
+            remove_dataset(out)
+        recorded = read_dataset_metadata(out)
+        start = 0 if recorded is None else resume_point(out, recorded, metadata)
+        if start is None:
+            return None, args.episodes
+        if start > 0:
+            return DatasetWriter.reopen(out), start
+        if recorded is not None:
+            remove_dataset(out)  # interrupted before its first episode: nothing to keep
+        env = teacher.env
+        return DatasetWriter(out, env.observation_space, env.action_space, env.spec,
+                             metadata=metadata), 0
     except OSError as exc:
-        raise ConfigError(f"--out: cannot write the dataset at {args.out} ({exc})") from None
+        raise ConfigError(f"--out: cannot write the dataset at {out} ({exc})") from None
 
 
-def collect(comm, args) -> int:
-    """All ranks: rounds of `size` episodes (episode i on rank i % size); rank 0 writes."""
-    from tqdm import tqdm
-
+def record_rounds(comm, args, teacher: Teacher, cap: int, writer, start: int) -> None:
+    """Episodes start.. in rounds of `size` (episode i on rank i % size); rank 0 writes
+    each round in order of i, so a run stopped at any point can be continued."""
     from . import comm as mpi
-    from .run import agree
+    from .progress import progress
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    teacher = agree(comm, prepare, args, rank == 0)
-    if teacher is None:
-        return 2
-    cap = min(teacher.limit, args.max_steps or teacher.limit)
-    opened = agree(comm, open_writer, args, teacher, cap, rank == 0)
-    if opened is None:
-        return 2
-    (writer,), bar, returns, steps = opened, None, [], 0
-    if rank == 0:
-        bar = tqdm(total=args.episodes, desc="episodes", unit="ep", file=sys.stderr)
-    for first in range(0, args.episodes, size):
+    bar = progress(args.episodes, "collect", "episodes", initial=start) if rank == 0 else None
+    for first in range(start, args.episodes, size):
         i = first + rank
         mine = record_episode(teacher, *episode_seeds(args.seed, i), cap, args.noise) \
             if i < args.episodes else None
@@ -210,18 +253,49 @@ def collect(comm, args) -> int:
         if rank == 0:
             done = [ep for ep in batch if ep is not None]  # rank order = episode order
             writer.add(done)
-            returns += [ep.ret for ep in done]
-            steps += sum(len(ep.rewards) for ep in done)
             bar.update(len(done))
-            bar.set_postfix(ret=f"{np.mean(returns):.1f}", steps=steps)
+            bar.set_postfix(ret=f"{np.mean(writer.returns):.1f}",
+                            steps=writer.storage.total_steps, refresh=False)
     if rank == 0:
         bar.close()
-        path = writer.close()
-        print(f"es_mpi.collect: {path}: {len(returns)} episodes, {steps:,} steps, return "
-              f"mean {np.mean(returns):.2f} std {np.std(returns):.2f} (min {np.min(returns):.2f},"
-              f" max {np.max(returns):.2f})", flush=True)
+
+
+def collect(comm, args) -> int:
+    """All ranks: check, open (or continue) the dataset, record; rank 0 writes."""
+    from . import comm as mpi
+    from .run import agree
+
+    rank = comm.Get_rank()
+    teacher = agree(comm, prepare, args, rank == 0)
+    if teacher is None:
+        return 2
+    cap = min(teacher.limit, args.max_steps or teacher.limit)
+    opened = agree(comm, open_writer, args, teacher, cap, rank == 0)
+    if opened is None:
+        return 2
+    writer, start = opened
+    start = int(mpi.broadcast_array(comm, np.array([start]) if rank == 0 else None)[0])
+    out = Path(args.out).absolute()
+    if rank == 0 and start >= args.episodes:
+        print(f"es_mpi.collect: {out}: already complete ({args.episodes} episodes); nothing "
+              "to do", flush=True)
+    elif rank == 0 and start > 0:
+        print(f"es_mpi.collect: {out}: continuing an interrupted collection at episode "
+              f"{start} of {args.episodes}", flush=True)
+    if start < args.episodes:
+        record_rounds(comm, args, teacher, cap, writer, start)
+        if rank == 0:
+            print(summary(writer), flush=True)
     comm.Barrier()
     return 0
+
+
+def summary(writer) -> str:
+    """Close the dataset (marked complete); one line about it."""
+    path, returns = writer.close(), writer.returns
+    return (f"es_mpi.collect: {path}: {len(returns)} episodes, {writer.storage.total_steps:,} "
+            f"steps, return mean {np.mean(returns):.2f} std {np.std(returns):.2f} (min "
+            f"{np.min(returns):.2f}, max {np.max(returns):.2f})")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -232,7 +306,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("teacher", help="es_mpi checkpoint or run directory; with --sb3 a model .zip")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of --job")
     p.add_argument("--episodes", type=int, required=True, help="episodes to record")
-    p.add_argument("--out", required=True, help="dataset folder to create (Minari layout)")
+    p.add_argument("--out", required=True,
+                   help="dataset folder to create (Minari layout); the same command again "
+                        "continues an interrupted collection")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset already at --out (complete or not)")
     p.add_argument("--seed", type=int, default=0, help="episode i is seeded by (SEED, i)")
     p.add_argument("--max-steps", type=int, help="cap on episode length (default: env limit)")
     p.add_argument("--noise", type=float, default=0.0,

@@ -89,15 +89,20 @@ def applied_action(action, space: gym.Space) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- writing
+COMPLETE_KEY = "es_mpi_complete"  # "false" while es_mpi.collect writes, "true" once done
+
+
 class DatasetWriter:
-    """Writes a Minari dataset at `path` (`path/data/...`) episode by episode, in order."""
+    """Writes a Minari dataset at `path` (`path/data/...`) episode by episode, in order. Its
+    metadata says `es_mpi_complete: false` until `close`, so an interrupted collection is
+    recognised (`reopen` continues it, `load_demos` refuses it)."""
 
     def __init__(self, path: str | Path, observation_space: gym.Space,
                  action_space: gym.Space, env_spec=None, metadata: dict | None = None):
         require_minari()
         from minari.dataset.minari_storage import MinariStorage
 
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # Minari joins a relative path onto itself
         if (self.path / DATA_DIR / "metadata.json").exists():
             raise ConfigError(f"--out: a dataset already exists at {self.path}; remove it or "
                               "choose another path")
@@ -105,7 +110,36 @@ class DatasetWriter:
         self.storage = MinariStorage.new(self.path / DATA_DIR, observation_space, action_space,
                                          env_spec=_serialisable(env_spec), data_format="hdf5",
                                          jpeg_encoding=False)
-        self.storage.update_metadata(dataset_metadata(self.path.name, metadata or {}))
+        self.storage.update_metadata({**dataset_metadata(self.path.name, metadata or {}),
+                                      COMPLETE_KEY: "false"})
+        self.returns: list[float] = []  # of the episodes written (reopen: read back)
+
+    @classmethod
+    def reopen(cls, path: str | Path) -> "DatasetWriter":
+        """An interrupted dataset, to continue: episodes beyond the metadata's count (written
+        when the collection was stopped) are dropped. ConfigError if it cannot be read."""
+        import h5py
+        from minari.dataset.minari_storage import MinariStorage
+
+        self = cls.__new__(cls)
+        self.path = Path(path).absolute()
+        data = self.path / DATA_DIR
+        try:
+            self.storage = MinariStorage.read(data)
+            n = self.storage.total_episodes
+            with h5py.File(data / "main_data.hdf5", "a") as f:
+                for name in [k for k in f if k.startswith("episode_")
+                             and int(k.split("_", 1)[1]) >= n]:
+                    del f[name]
+                self.returns = [float(np.sum(f[f"episode_{i}/rewards"][()])) for i in range(n)]
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"--out: the interrupted dataset at {self.path} cannot be read "
+                              f"({exc}); pass --overwrite to start it afresh") from None
+        return self
+
+    @property
+    def episodes(self) -> int:
+        return self.storage.total_episodes
 
     def add(self, episodes: list[Episode]) -> None:
         from minari.data_collector.episode_buffer import EpisodeBuffer
@@ -114,10 +148,32 @@ class DatasetWriter:
             EpisodeBuffer(seed=ep.seed, observations=ep.observations, actions=ep.actions,
                           rewards=ep.rewards, terminations=ep.terminations,
                           truncations=ep.truncations, infos={}) for ep in episodes])
+        self.returns += [ep.ret for ep in episodes]
 
     def close(self) -> Path:
-        self.storage.update_metadata({"dataset_size": self.storage.get_size()})
+        self.storage.update_metadata({"dataset_size": self.storage.get_size(),
+                                      COMPLETE_KEY: "true"})
         return self.path
+
+
+def read_dataset_metadata(path: str | Path) -> dict | None:
+    """The raw metadata of the dataset at `path` (its folder), None if there is none;
+    ConfigError if its `data` folder holds something unreadable."""
+    data = Path(path) / DATA_DIR
+    if not data.is_dir() or not any(data.iterdir()):
+        return None
+    try:
+        return json.loads((data / "metadata.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--out: {data} holds no readable Minari metadata ({exc}); pass "
+                          "--overwrite to replace it, or choose another path") from None
+
+
+def remove_dataset(path: str | Path) -> None:
+    """Delete the dataset at `path`: its `data` folder only (the folder may hold more)."""
+    import shutil
+
+    shutil.rmtree(Path(path) / DATA_DIR)
 
 
 def dataset_metadata(name: str, extra: dict) -> dict:
@@ -186,7 +242,7 @@ class Demos:
 
 def find_dataset(spec: str) -> Path:
     """The `data` folder of a dataset given as a folder, its `data` folder, or a local id."""
-    p = Path(spec)
+    p = Path(spec).absolute()  # Minari mis-joins relative paths
     for cand in (p / DATA_DIR, p):
         if (cand / "metadata.json").is_file():
             return cand
@@ -200,14 +256,16 @@ def find_dataset(spec: str) -> Path:
                       f" and no local dataset with that id ({local})")
 
 
-def load_demos(spec: str) -> Demos:
-    """Every episode of a Minari dataset, read with Minari's own API."""
+def load_demos(spec: str, allow_incomplete: bool = False) -> Demos:
+    """Every episode of a Minari dataset, read with Minari's own API. An interrupted
+    es_mpi.collect is a ConfigError unless `allow_incomplete`."""
     minari = require_minari()
     data = find_dataset(spec)
     try:
         ds = minari.MinariDataset(data)
     except (ValueError, KeyError, OSError) as exc:
         raise ConfigError(f"--data: {spec!r} is not a readable Minari dataset: {exc}") from None
+    check_complete(spec, dict(ds.storage.metadata), allow_incomplete)
     obs, act, rew, lengths, term = [], [], [], [], []
     for ep in ds.iterate_episodes():
         if isinstance(ep.observations, (dict, tuple)) or isinstance(ep.actions, (dict, tuple)):
@@ -229,3 +287,19 @@ def load_demos(spec: str) -> Demos:
                  np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths,
                  ds.observation_space, ds.action_space, str(spec),
                  dict(ds.storage.metadata), np.array(term, dtype=bool))
+
+
+def check_complete(spec: str, metadata: dict, allow: bool) -> None:
+    """An es_mpi.collect that was stopped before its end: ConfigError, or (allow) a warning."""
+    if metadata.get(COMPLETE_KEY) != "false":
+        return  # finished, or made elsewhere
+    planned = json.loads(metadata.get("es_mpi_episodes", "null"))
+    what = (f"--data: {spec!r} is an interrupted es_mpi.collect ({metadata.get('total_episodes')}"
+            f" of {planned if planned is not None else '?'} episodes)")
+    if not allow:
+        raise ConfigError(f"{what}; rerun its collect command to finish it, or pass "
+                          "--allow-incomplete to use the episodes it has")
+    import sys
+
+    print(f"es_mpi: WARNING: {what}; using the episodes it has (--allow-incomplete)",
+          file=sys.stderr, flush=True)

@@ -6,15 +6,17 @@ row per value. `--video FILE.mp4` renders one episode (seed --seed, the first re
 headless with imageio. Episode i uses environment seed `--seed + i`, so the same command
 prints the same numbers.
 
-Headless rendering: MuJoCo needs an OpenGL backend. If MUJOCO_GL is unset this module sets it
-to `egl` when an NVIDIA GPU is visible, else `osmesa` (software; Debian package libosmesa6).
-Export MUJOCO_GL yourself to override.
+Headless rendering: MuJoCo needs an OpenGL backend. If MUJOCO_GL is unset this module tries
+`egl` (Mesa's EGL renders on the CPU too; an NVIDIA driver's on the GPU), then `osmesa`, each
+in a child process, and uses the first that renders; if none does it names the system
+packages to install (Debian/Ubuntu: libegl1 and libgl1-mesa-dri, or libosmesa6). A MUJOCO_GL
+you export is used as it is (and checked the same way). Atari needs no OpenGL.
 
 Reads files only: never imports es_mpi.comm or mpi4py.
 """
 from __future__ import annotations
 
-import os  # noqa: F401
+import os
 
 from .determinism import pin_cpu_kernels
 
@@ -31,9 +33,57 @@ import numpy as np  # noqa: E402
 from .config import ConfigError  # noqa: E402
 
 
-def default_gl_backend() -> str:
-    """egl with an NVIDIA GPU (hardware rendering), osmesa otherwise (CPU)."""
-    return "egl" if Path("/dev/nvidia0").exists() else "osmesa"
+GL_BACKENDS = ("egl", "osmesa")  # tried in this order when MUJOCO_GL is unset
+GL_PACKAGES = {"egl": "libegl1 libgl1-mesa-dri", "osmesa": "libosmesa6"}  # Debian/Ubuntu
+GL_PROBE_SECONDS = 60.0
+_GL_PROBE = ("import mujoco\n"
+             "m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><geom size=\"1\"/>"
+             "</worldbody></mujoco>')\n"
+             "r = mujoco.Renderer(m, 16, 16)\n"
+             "r.update_scene(mujoco.MjData(m))\n"
+             "r.render()\n"
+             "r.close()\n")
+
+
+def probe_gl(backend: str) -> str | None:
+    """None if MuJoCo renders offscreen with MUJOCO_GL=backend (tried in a child process:
+    a failed backend can leave the process unable to load another), else why not."""
+    import subprocess
+
+    env = {**os.environ, "MUJOCO_GL": backend}
+    env.pop("PYOPENGL_PLATFORM", None)  # mujoco sets it to match MUJOCO_GL
+    try:
+        proc = subprocess.run([sys.executable, "-c", _GL_PROBE], env=env, capture_output=True,
+                              text=True, timeout=GL_PROBE_SECONDS)
+    except subprocess.TimeoutExpired:
+        return f"no frame within {GL_PROBE_SECONDS:g} s"
+    if proc.returncode == 0:
+        return None
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"exit status {proc.returncode}"
+
+
+def choose_gl_backend(environ=os.environ) -> str:
+    """The MUJOCO_GL to render with: the user's if set and working, else the first of
+    GL_BACKENDS that works; ConfigError naming what to install when none does."""
+    hint = (f"install one (Debian/Ubuntu: apt-get install {GL_PACKAGES['egl']} for EGL, or "
+            f"apt-get install {GL_PACKAGES['osmesa']} for OSMesa)")
+    user = environ.get("MUJOCO_GL")
+    if user:
+        why = probe_gl(user)
+        if why is not None:
+            raise ConfigError(f"--video: MUJOCO_GL={user} (set in your environment) cannot "
+                              f"render here: {why}. Unset MUJOCO_GL to let es_mpi.evaluate pick "
+                              f"a working backend, or {hint}")
+        return user
+    failures = []
+    for backend in GL_BACKENDS:
+        why = probe_gl(backend)
+        if why is None:
+            return backend
+        failures.append(f"{backend}: {why}")
+    raise ConfigError("--video: no OpenGL backend renders MuJoCo here ("
+                      + "; ".join(failures) + f"); {hint}")
 
 
 @dataclass
@@ -101,18 +151,20 @@ class Evaluator:
         self.normalize = make_normalizer(cfg.env, ckpt.obs_stats)
 
     def run(self, episodes: int, seed: int, target_return: float | None = None,
-            max_steps: int | None = None) -> Evaluation:
+            max_steps: int | None = None, bar=None) -> Evaluation:
+        """`bar` (optional, tqdm-like): updated once per finished episode."""
         res = run_episodes(self.env, self.policy, self.normalize, self.limit, episodes, seed,
-                           target_return, max_steps)
+                           target_return, max_steps, bar)
         return Evaluation(target_return, np.array([r.ret for r in res]),
                           np.array([r.length for r in res]))
 
     def record(self, seed: int, target_return: float | None = None,
-               max_steps: int | None = None) -> tuple[list[np.ndarray], float]:
-        """One episode's rgb frames (after reset and after every step) and its return."""
+               max_steps: int | None = None, bar=None) -> tuple[list[np.ndarray], float]:
+        """One episode's rgb frames (after reset and after every step) and its return;
+        `bar` (optional, tqdm-like) is updated once per frame."""
         from .rollout import run_episode
 
-        recorder = _FrameRecorder(self.env)
+        recorder = _FrameRecorder(self.env, bar)
         cap = min(self.limit, max_steps or self.limit)
         res = run_episode(recorder, self.policy, seed, cap, self.normalize,
                           target_return=target_return, episode_seed=seed)
@@ -120,51 +172,69 @@ class Evaluator:
 
 
 def run_episodes(env, policy, normalize, limit: int, episodes: int, seed: int,
-                 target_return: float | None = None, max_steps: int | None = None) -> list:
+                 target_return: float | None = None, max_steps: int | None = None,
+                 bar=None) -> list:
     """Episodes i = 0..episodes-1 from reset(seed + i), capped at the env's `limit` or
     `max_steps` if smaller: rollout.EpisodeResult each. The policy's own randomness (dropout,
-    sampled actions) is seeded by the episode seed too."""
+    sampled actions) is seeded by the episode seed too. `bar`: updated after each episode."""
     from .rollout import run_episode
 
-    cap = min(limit, max_steps or limit)
-    return [run_episode(env, policy, seed + i, cap, normalize, target_return=target_return,
-                        episode_seed=seed + i) for i in range(episodes)]
+    cap, out = min(limit, max_steps or limit), []
+    for i in range(episodes):
+        out.append(run_episode(env, policy, seed + i, cap, normalize,
+                               target_return=target_return, episode_seed=seed + i))
+        if bar is not None:
+            bar.update(1)
+    return out
 
 
 class _FrameRecorder:
     """Env proxy that keeps env.render() after reset and after each step."""
 
-    def __init__(self, env):
-        self.env, self.frames = env, []
+    def __init__(self, env, bar=None):
+        self.env, self.frames, self.bar = env, [], bar
+
+    def keep(self) -> None:
+        self.frames.append(self.env.render())
+        if self.bar is not None:
+            self.bar.update(1)
 
     def reset(self, **kwargs):
         out = self.env.reset(**kwargs)
-        self.frames.append(self.env.render())
+        self.keep()
         return out
 
     def step(self, action):
         out = self.env.step(action)
-        self.frames.append(self.env.render())
+        self.keep()
         return out
 
 
 def write_video(path: str | Path, frames: list[np.ndarray], fps: int) -> None:
-    import imageio.v2 as imageio
+    from .extras import require
+
+    imageio = require("imageio.v2", "tools", "--video")
 
     with imageio.get_writer(str(path), fps=fps, codec="libx264", macro_block_size=1) as w:
         for frame in frames:
             w.append_data(np.asarray(frame, dtype=np.uint8))
 
 
-def format_table(rows: list[Evaluation], episodes: int) -> str:
-    head = (f"{'target return':>14}  {'episodes':>8}  {'return mean':>12}  {'return std':>10}  "
-            f"{'length mean':>11}  {'length std':>10}")
+def format_table(rows: list[Evaluation], episodes: int, default_target: float | None) -> str:
+    """One row per evaluation; the `target return` column only for a policy that takes one
+    (a DT: `default_target` is its configured target, used where a row has none)."""
+    head = (f"{'episodes':>8}  {'return mean':>12}  {'return std':>10}  {'length mean':>11}  "
+            f"{'length std':>10}")
+    if default_target is not None:
+        head = f"{'target return':>14}  {head}"
     lines = [head, "-" * len(head)]
     for ev in rows:
-        rtg = "policy" if ev.target_return is None else f"{ev.target_return:g}"
-        lines.append(f"{rtg:>14}  {episodes:>8d}  {ev.returns.mean():12.2f}  "
-                     f"{ev.returns.std():10.2f}  {ev.lengths.mean():11.1f}  "
-                     f"{ev.lengths.std():10.1f}")
+        line = (f"{episodes:>8d}  {ev.returns.mean():12.2f}  {ev.returns.std():10.2f}  "
+                f"{ev.lengths.mean():11.1f}  {ev.lengths.std():10.1f}")
+        if default_target is not None:
+            target = default_target if ev.target_return is None else ev.target_return
+            line = f"{target:>14g}  {line}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -172,9 +242,61 @@ def parse_rtg(text: str | None) -> list[float | None]:
     if text is None:
         return [None]
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"--rtg: expected comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"--rtg: expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(np.isfinite(values)):
+        raise ConfigError(f"--rtg: expected comma-separated finite numbers, got {text!r}")
+    return values
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`WIDTHxHEIGHT` -> (width, height), both positive; ConfigError otherwise."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--video-size: expected WIDTHxHEIGHT in pixels, e.g. 640x480, "
+                          f"got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi")  # containers ffmpeg writes H.264 into
+
+
+def check_output_file(option: str, path: str | Path, suffixes: tuple[str, ...] = ()) -> Path:
+    """The absolute path of a file the command will write at its end, checked now: the
+    suffix, not a folder, its folder made and writable (a probe file is created and removed)."""
+    import tempfile
+
+    path = Path(path).absolute()
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{option}: {path.name!r} should end in one of {', '.join(suffixes)}")
+    if path.is_dir():
+        raise ConfigError(f"{option}: {path} is a folder; name the file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot write {path} ({exc})") from None
+    return path
+
+
+def check_args(args) -> list[float | None]:
+    """The command line checked before any work (ConfigError naming the option): the
+    returns-to-go to evaluate at."""
+    for option, value, least in (("--episodes", args.episodes, 1), ("--seed", args.seed, 0),
+                                 ("--max-steps", args.max_steps, 1), ("--fps", args.fps, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{option}: must be at least {least}, got {value}")
+    rtgs = parse_rtg(args.rtg)
+    args.size = parse_size(args.video_size)
+    if args.video:
+        from .extras import require
+
+        for module in ("imageio", "imageio_ffmpeg"):
+            require(module, "tools", "--video")
+        args.video = check_output_file("--video", args.video, VIDEO_SUFFIXES)
+    return rtgs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -186,7 +308,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rtg", help="comma-separated initial returns-to-go (DT only), e.g. "
                                  "-1000,0,1000000")
     p.add_argument("--max-steps", type=int, help="cap on episode length (default: env limit)")
-    p.add_argument("--video", help="write one rendered episode to this .mp4 file")
+    p.add_argument("--video", help="write one rendered episode to this .mp4 file (needs the "
+                                   "'tools' extra)")
     p.add_argument("--video-size", default="480x480", help="WIDTHxHEIGHT of MuJoCo frames")
     p.add_argument("--fps", type=int, help="video frame rate (default: the env's render_fps)")
     return p.parse_args(_join_negative_rtg(sys.argv[1:] if argv is None else list(argv)))
@@ -213,45 +336,60 @@ def recording_fps(rec: "Evaluator") -> int:
     return int(rec.env.metadata.get("render_fps", 30))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.episodes < 1:
-        raise SystemExit("--episodes: must be at least 1")
-    rtgs = parse_rtg(args.rtg)
-    if args.video:  # mujoco picks its GL backend when first imported
-        os.environ.setdefault("MUJOCO_GL", default_gl_backend())
+def prepare(args) -> tuple[Checkpoint, Evaluator, list[float | None]]:
+    """Everything that can fail on bad input, before any episode: ConfigError."""
     from .checkpoint import CheckpointError
+    from .config import loads
+    from .envs_atari import is_atari
 
+    rtgs = check_args(args)
     try:
         ckpt = read_checkpoint(args.path)
     except (FileNotFoundError, CheckpointError) as exc:
-        print(f"es_mpi.evaluate: {exc}", file=sys.stderr)
-        return 2
-    from .config import loads
+        raise ConfigError(str(exc)) from None
+    cfg = loads(ckpt.config_text)
+    if args.rtg is not None and cfg.policy.kind != "dt":
+        raise ConfigError(f"--rtg needs a Decision Transformer (policy.kind dt), this "
+                          f"checkpoint holds {cfg.policy.kind!r}")
+    if args.video and not is_atari(cfg.env.id):  # mujoco picks its backend when imported
+        os.environ["MUJOCO_GL"] = choose_gl_backend()
+    return ckpt, Evaluator(ckpt), rtgs  # ConfigError: a config or theta that does not fit
 
-    kind = loads(ckpt.config_text).policy.kind
-    if args.rtg is not None and kind != "dt":
-        print(f"es_mpi.evaluate: --rtg needs a Decision Transformer (policy.kind dt), this "
-              f"checkpoint holds {kind!r}", file=sys.stderr)
-        return 2
+
+def record_video(ckpt: Checkpoint, args, target_return: float | None) -> str:
+    """Render one episode (seed --seed) to --video; the summary line."""
+    from .progress import progress
+
+    rec = Evaluator(ckpt, render=True, size=args.size)
+    bar = progress(min(rec.limit, args.max_steps or rec.limit) + 1, "video", "frames")
+    frames, ret = rec.record(args.seed, target_return, args.max_steps, bar)
+    bar.close()
+    fps = args.fps or recording_fps(rec)
+    write_video(args.video, frames, fps)
+    rec.env.close()
+    backend = f", MUJOCO_GL={os.environ['MUJOCO_GL']}" if "MUJOCO_GL" in os.environ else ""
+    return f"video: {args.video} ({len(frames)} frames at {fps} fps, return {ret:.2f}{backend})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .progress import progress
+
+    args = parse_args(argv)
     try:
-        ev = Evaluator(ckpt)
-    except ConfigError as exc:  # its config names an env, size or setting that does not fit
-        print(f"es_mpi.evaluate: {exc}", file=sys.stderr)
+        ckpt, ev, rtgs = prepare(args)
+    except ConfigError as exc:
+        print(f"es_mpi: configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
+    policy = ev.cfg.policy
     print(f"es_mpi.evaluate: {ckpt.path} (iteration {ckpt.iteration}), {ev.cfg.env.id}, "
-          f"policy {kind} with {ev.policy.num_params:,} parameters", flush=True)
-    rows = [ev.run(args.episodes, args.seed, rtg, args.max_steps) for rtg in rtgs]
-    print(format_table(rows, args.episodes), flush=True)
+          f"policy {policy.kind} with {ev.policy.num_params:,} parameters", flush=True)
+    bar = progress(args.episodes * len(rtgs), "evaluate", "episodes")
+    rows = [ev.run(args.episodes, args.seed, rtg, args.max_steps, bar) for rtg in rtgs]
+    bar.close()
+    default_target = policy.target_return if policy.kind == "dt" else None
+    print(format_table(rows, args.episodes, default_target), flush=True)
     if args.video:
-        width, height = (int(v) for v in args.video_size.lower().split("x"))
-        rec = Evaluator(ckpt, render=True, size=(width, height))
-        frames, ret = rec.record(args.seed, rtgs[0], args.max_steps)
-        fps = args.fps or recording_fps(rec)
-        write_video(args.video, frames, fps)
-        rec.env.close()
-        print(f"video: {args.video} ({len(frames)} frames at {fps} fps, return {ret:.2f}, "
-              f"MUJOCO_GL={os.environ['MUJOCO_GL']})", flush=True)
+        print(record_video(ckpt, args, rtgs[0]), flush=True)
     ev.env.close()
     return 0
 

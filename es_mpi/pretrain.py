@@ -202,23 +202,36 @@ def full_windows(episodes: tuple, k: int) -> tuple[np.ndarray, np.ndarray]:
     return first, np.repeat(np.minimum(lengths, k), counts)
 
 
-def epoch_windows(rng: np.random.Generator, episodes: tuple, batch: int, k: int):
+def epoch_windows(seed: int, episodes: tuple, batch: int, k: int, first_batch: int = 0):
     """Batches (rows (B, k), mask (B, k)) of the windows of `full_windows`, each window once
-    per epoch in an order shuffled by `rng`; a batch may span two epochs (all are full)."""
+    per epoch; epoch e in the order of a permutation drawn from (seed, e) alone, so batch i
+    is a function of i (a resumed pretraining continues the same epoch). A batch may span two
+    epochs. Starts at batch `first_batch`."""
     first, n = full_windows(episodes, k)
-    pos, queue = np.arange(k)[None, :], np.zeros(0, dtype=np.int64)
+    pos, cached = np.arange(k)[None, :], {}
+
+    def order(epoch: int) -> np.ndarray:
+        if epoch not in cached:
+            cached.clear()
+            cached[epoch] = np.random.default_rng([seed, 0xE90C, epoch]).permutation(len(first))
+        return cached[epoch]
+
+    at = first_batch * batch
     while True:
-        while len(queue) < batch:
-            queue = np.concatenate([queue, rng.permutation(len(first))])
-        take, queue = queue[:batch], queue[batch:]
+        idx = np.arange(at, at + batch)
+        take = np.concatenate([order(int(e))[idx[idx // len(first) == e] % len(first)]
+                               for e in np.unique(idx // len(first))])
+        at += batch
         yield first[take, None] + np.minimum(pos, n[take, None] - 1), pos < n[take, None]
 
 
 def batch_source(rng: np.random.Generator, corpus: Corpus, settings: BCSettings, policy,
-                 dt: bool) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
-    """() -> the next training batch: sampled windows (draw_batch), or epochs of every window."""
+                 dt: bool, seed: int, first_batch: int) -> Callable[[], tuple]:
+    """() -> the next training batch: sampled windows (draw_batch, from `rng`), or epochs of
+    every window (from `seed` and the batch index, starting at `first_batch`)."""
     if dt and settings.windows == "epochs":
-        batches = epoch_windows(rng, corpus.train, settings.batch_size, policy.context)
+        batches = epoch_windows(seed, corpus.train, settings.batch_size, policy.context,
+                                first_batch)
         return lambda: next(batches)
     return lambda: draw_batch(rng, corpus, corpus.train, settings, policy, dt)
 
@@ -405,43 +418,44 @@ def evaluate(job: Job, episodes: int, seed: int, max_steps: int | None) -> float
     return float(np.mean([r.ret for r in res]))
 
 
-def train(job: Job, args) -> Curve:
-    """args.steps AdamW steps in chunks of --eval-every, each followed by the held-out loss
-    and an evaluation; a progress bar shows the loss."""
+def train(job: Job, args, partial: dict | None = None) -> Curve:
+    """args.steps AdamW steps; every --eval-every steps the held-out loss and an evaluation,
+    every --checkpoint-every steps the whole training state to partial_path(--out). From
+    `partial` (read_partial) it continues exactly where that run stopped."""
     import torch
-    from tqdm import tqdm
+
+    from .progress import progress
 
     rng = np.random.default_rng([args.seed, 0xBC])
-    next_batch = batch_source(rng, job.corpus, job.settings, job.policy, job.dt)
     gen = torch.Generator().manual_seed(args.seed)
-    held = [draw_batch(np.random.default_rng([args.seed, 0x4E1D, i]), job.corpus,
-                       job.corpus.heldout, job.settings, job.policy, job.dt)
-            for i in range(args.heldout_batches)] if len(job.corpus.heldout[0]) else []
+    held = heldout_batches(job, args)
     opt, sched = make_optimizer(job.policy, job.settings)
-    curve, log_every = Curve(), max(1, args.steps // 200)
-    bar = tqdm(total=args.steps, desc="pretrain", unit="step", file=sys.stderr)
-    done, window = 0, []
-    while done < args.steps:
-        chunk = min(args.eval_every, args.steps - done)
+    loop = TrainLoop(Curve(), 0, []) if partial is None else \
+        restore_partial(partial, job, opt, sched, rng, gen)
+    curve, log_every = loop.curve, max(1, args.steps // 200)
+    next_batch = batch_source(rng, job.corpus, job.settings, job.policy, job.dt, args.seed,
+                              loop.done)
+    bar = progress(args.steps, "pretrain", "steps", initial=loop.done)
+    while loop.done < args.steps:
+        chunk = next_stop(loop.done, args) - loop.done
         t0 = time.perf_counter()
         with job.policy.trainable():
             for _ in range(chunk):
                 batch = next_batch()
-                window.append(gradient_step(job, batch, gen, opt, sched))
-                done += 1
-                if done % log_every == 0 or done == args.steps:
-                    curve.step.append(done)
-                    curve.loss.append(float(np.mean(window)))
+                loop.window.append(gradient_step(job, batch, gen, opt, sched))
+                loop.done += 1
+                if loop.done % log_every == 0 or loop.done == args.steps:
+                    curve.step.append(loop.done)
+                    curve.loss.append(float(np.mean(loop.window)))
                     bar.set_postfix(loss=f"{curve.loss[-1]:.4g}", refresh=False)
-                    window = []
+                    loop.window = []
                 bar.update(1)
         curve.train_seconds += time.perf_counter() - t0
-        curve.eval_step.append(done)
-        curve.heldout_loss.append(heldout_loss(job, held, args.seed))
-        curve.eval_return.append(evaluate(job, args.eval_episodes, args.eval_seed,
-                                          args.eval_max_steps))
-        bar.set_postfix(loss=f"{curve.loss[-1]:.4g}", heldout=f"{curve.heldout_loss[-1]:.4g}",
-                        eval=f"{curve.eval_return[-1]:.1f}")
+        if loop.done % args.eval_every == 0 or loop.done == args.steps:
+            evaluate_now(job, args, held, curve, loop.done, bar)
+        if args.checkpoint_every and loop.done % args.checkpoint_every == 0 \
+                and loop.done < args.steps:
+            write_partial(partial_path(args.out), job, args, loop, opt, sched, rng, gen)
     bar.close()
     return curve
 
@@ -471,6 +485,38 @@ def dropout_rate(policy, p: float | None):
             g.cfg.dropout = old
 
 
+def heldout_batches(job: Job, args) -> list:
+    """The fixed batches of held-out windows (none without held-out episodes)."""
+    if not len(job.corpus.heldout[0]):
+        return []
+    return [draw_batch(np.random.default_rng([args.seed, 0x4E1D, i]), job.corpus,
+                       job.corpus.heldout, job.settings, job.policy, job.dt)
+            for i in range(args.heldout_batches)]
+
+
+def evaluate_now(job: Job, args, held: list, curve: Curve, done: int, bar) -> None:
+    """The held-out loss and the mean evaluation return, recorded and shown (only what
+    is measured: no held-out episodes or --eval-episodes 0 show nothing)."""
+    curve.eval_step.append(done)
+    curve.heldout_loss.append(heldout_loss(job, held, args.seed))
+    curve.eval_return.append(evaluate(job, args.eval_episodes, args.eval_seed,
+                                      args.eval_max_steps))
+    shown = {"loss": f"{curve.loss[-1]:.4g}"}
+    if held:
+        shown["heldout"] = f"{curve.heldout_loss[-1]:.4g}"
+    if args.eval_episodes:
+        shown["eval"] = f"{curve.eval_return[-1]:.1f}"
+    bar.set_postfix(**shown)
+
+
+def next_stop(done: int, args) -> int:
+    """The next step after `done` at which to evaluate or checkpoint (or the last step)."""
+    stops = [args.steps, (done // args.eval_every + 1) * args.eval_every]
+    if args.checkpoint_every:
+        stops.append((done // args.checkpoint_every + 1) * args.checkpoint_every)
+    return min(stops)
+
+
 def gradient_step(job: Job, batch, gen, opt, sched) -> float:
     import torch
 
@@ -482,6 +528,122 @@ def gradient_step(job: Job, batch, gen, opt, sched) -> float:
     opt.step()
     sched.step()
     return float(loss.item())
+
+
+# ----------------------------------------------------------------------------- interruptions
+CHECKPOINT_EVERY = 1000  # default steps between partial checkpoints
+# options that do not change the numbers: a rerun may change them and still continue
+NOT_FINGERPRINTED = ("out", "threads", "checkpoint_every")
+
+
+@dataclass
+class TrainLoop:
+    """Where training stands: the state not held by the policy, optimiser and generators."""
+
+    curve: Curve
+    done: int  # gradient steps taken
+    window: list  # losses since the last logged step
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where a pretraining writes its periodic checkpoints: OUT.partial.h5 next to --out."""
+    return Path(out).absolute().with_suffix(".partial.h5")
+
+
+def fingerprint(job: Job, args) -> str:
+    """The command as it determines the numbers: options, resolved job, dataset size."""
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_FINGERPRINTED}
+    return json.dumps({"options": options, "config": job.cfg.to_yaml(),
+                       "dataset": [job.demos.episodes, job.demos.steps]}, default=str)
+
+
+def write_partial(path: Path, job: Job, args, loop: TrainLoop, opt, sched, rng, gen) -> None:
+    """Everything to continue bitwise, to a temporary file that is fsynced and renamed."""
+    import io
+    import os
+
+    import h5py
+    import torch
+
+    blob = io.BytesIO()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "generator": gen.get_state()}, blob)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("theta", data=job.policy.get_theta())
+        f.create_dataset("torch_state", data=np.frombuffer(blob.getvalue(), np.uint8))
+        f.attrs.update({"done": loop.done, "fingerprint": fingerprint(job, args),
+                        "numpy_rng": json.dumps(rng.bit_generator.state),
+                        "window": json.dumps(loop.window),
+                        "curve": json.dumps(dataclasses.asdict(loop.curve))})
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_partial(path: Path, job: Job, args) -> dict | None:
+    """The partial checkpoint of an interrupted run of this same command (None if there is
+    none); ConfigError if it is another command's or unreadable (naming what to do)."""
+    import h5py
+
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            state = {"theta": f["theta"][()], "torch_state": f["torch_state"][()].tobytes(),
+                     **{k: f.attrs[k] for k in ("done", "fingerprint", "numpy_rng", "window",
+                                                "curve")}}
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"--out: {path} (an interrupted pretraining) cannot be read "
+                          f"({exc}); delete it to start afresh") from None
+    then, now = json.loads(state["fingerprint"]), json.loads(fingerprint(job, args))
+    if then != now:
+        differ = [k for k in now["options"] if then["options"].get(k) != now["options"][k]]
+        differ += [k for k in ("config", "dataset") if then[k] != now[k]]
+        raise ConfigError(f"--out: {path} holds an interrupted pretraining of another command "
+                          f"(it differs in: {', '.join(differ) or 'options'}); rerun that command"
+                          " to continue it, or delete the file to start afresh")
+    return state
+
+
+def restore_partial(state: dict, job: Job, opt, sched, rng, gen) -> TrainLoop:
+    """Put a read_partial state back into the policy, optimiser and generators."""
+    import io
+
+    import torch
+
+    job.policy.set_theta(state["theta"])
+    saved = torch.load(io.BytesIO(state["torch_state"]), weights_only=True)
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    gen.set_state(saved["generator"])
+    rng.bit_generator.state = json.loads(state["numpy_rng"])
+    curve = Curve(**json.loads(state["curve"]))
+    print(f"es_mpi.pretrain: continuing from {int(state['done']):,} steps "
+          f"(an interrupted run of this command)", flush=True)
+    return TrainLoop(curve, int(state["done"]), json.loads(state["window"]))
+
+
+def prepare_output(args, job: Job) -> dict | None:
+    """Before step 1: --out's folder made and writable (a probe file), room for the output
+    and a partial checkpoint, and the partial checkpoint to continue from (or None)."""
+    import shutil
+    import tempfile
+
+    out = Path(args.out).absolute()
+    need = 40 * job.policy.num_params + 32 * int(np.prod(job.stats.sum.shape)) + (1 << 20)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.probe") as fh:
+            fh.write(b"0" * 4096)
+            fh.flush()
+        free = shutil.disk_usage(out.parent).free
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write {out} ({exc})") from None
+    if free < need:
+        raise ConfigError(f"--out: {out.parent} has {free / 1e6:.1f} MB free; the output and "
+                          f"its partial checkpoints need about {need / 1e6:.1f} MB")
+    return read_partial(partial_path(out), job, args)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -510,7 +672,8 @@ def check_args(args) -> None:
     option): checked before any training, so nothing fails or loops at its end."""
     bounds = [("--steps", args.steps, 1), ("--eval-every", args.eval_every, 1),
               ("--eval-episodes", args.eval_episodes, 0), ("--threads", args.threads, 1),
-              ("--heldout-batches", args.heldout_batches, 0)]
+              ("--heldout-batches", args.heldout_batches, 0), ("--seed", args.seed, 0),
+              ("--eval-seed", args.eval_seed, 0), ("--checkpoint-every", args.checkpoint_every, 0)]
     if args.eval_max_steps is not None:
         bounds.append(("--eval-max-steps", args.eval_max_steps, 1))
     for option, value, least in bounds:
@@ -543,7 +706,7 @@ def setup(args) -> Job:
     if cfg.policy.action_bins.partition(":")[0] != "continuous":
         raise ConfigError(f"policy.action_bins={cfg.policy.action_bins}: pretraining a binned "
                           "policy is not supported (an argmax over bins has no gradient)")
-    demos = load_demos(args.data)
+    demos = load_demos(args.data, args.allow_incomplete)
     env = make_env(cfg.env)
     check_dataset(demos, env, cfg)
     try:
@@ -630,6 +793,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="share of the episodes held out (at least one if there are two)")
     p.add_argument("--heldout-batches", type=int, default=4, help="batches of held-out loss")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
+                   help="steps between checkpoints of the whole training state to "
+                        "OUT.partial.h5 (0: none); the same command again continues from it "
+                        f"(default {CHECKPOINT_EVERY})")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="train on a dataset whose es_mpi.collect was interrupted")
     args = p.parse_args(argv)
     args.eval_every = args.eval_every or max(1, args.steps // 10)
     if args.obs_stats is None:
@@ -641,8 +810,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         job = setup(args)
+        partial = prepare_output(args, job)
     except ConfigError as exc:
-        print(f"es_mpi.pretrain: configuration error: {exc}", file=sys.stderr)
+        print(f"es_mpi: configuration error: {exc}", file=sys.stderr)
         return 2
     d = job.demos
     print(f"es_mpi.pretrain: {job.cfg.env.id}, policy {job.cfg.policy.kind} with "
@@ -650,13 +820,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{d.steps:,} steps, return mean {np.mean(d.episode_returns()):.2f} "
           f"({len(job.corpus.heldout[0])} episodes held out); settings "
           f"{dataclasses.asdict(job.settings)}", flush=True)
-    curve = train(job, args)
+    curve = train(job, args, partial)
     path = write_pretrained(Path(args.out), job, curve, args)
-    print(f"es_mpi.pretrain: {args.steps:,} steps in {curve.train_seconds:.1f} s "
-          f"({args.steps / curve.train_seconds:.1f} steps/s); loss {curve.loss[0]:.4g} -> "
-          f"{curve.loss[-1]:.4g}, held-out {curve.heldout_loss[-1]:.4g}, eval return "
-          f"{curve.eval_return[-1]:.2f}; wrote {path}", flush=True)
+    partial_path(args.out).unlink(missing_ok=True)
+    print(f"es_mpi.pretrain: {summary(curve, args)}; wrote {path}", flush=True)
     return 0
+
+
+def summary(curve: Curve, args) -> str:
+    """Speed, loss, and the held-out loss and evaluation return where measured."""
+    rate = args.steps / curve.train_seconds if curve.train_seconds > 0 else float("nan")
+    parts = [f"{args.steps:,} steps in {curve.train_seconds:.1f} s ({rate:.1f} steps/s); loss "
+             f"{curve.loss[0]:.4g} -> {curve.loss[-1]:.4g}"]
+    if np.isfinite(curve.heldout_loss[-1]):
+        parts.append(f"held-out {curve.heldout_loss[-1]:.4g}")
+    if args.eval_episodes:
+        parts.append(f"eval return {curve.eval_return[-1]:.2f}")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

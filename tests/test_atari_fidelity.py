@@ -89,14 +89,27 @@ def test_hero_steps_pool_in_the_configured_order():
 def test_every_full_window_once_and_short_episodes_whole():
     first, n = full_windows((np.array([0, 5, 105]), np.array([5, 100, 3])), 10)
     assert first.tolist() == [0, *range(5, 96), 105] and n.tolist() == [5] + [10] * 91 + [3]
-    gen = epoch_windows(np.random.default_rng(0), (np.array([0, 5, 105]),
+    gen = epoch_windows(0, (np.array([0, 5, 105]),
                                                    np.array([5, 100, 3])), 31, 10)
-    rows = np.concatenate([next(gen)[0] for _ in range(3)])  # 93 windows: 3 epochs
+    rows = np.concatenate([next(gen)[0] for _ in range(3)])  # 93 windows: one epoch
     got = sorted(rows[:93, 0].tolist())
     assert got == sorted([0, *range(5, 96), 105]) and len(set(rows[:31, 0])) == 31
     rows, mask = next(gen)
     short = rows[rows[:, 0] == 105]
     assert np.all(short[:, :3] == [105, 106, 107]) and np.all(short[:, 3:] == 107)
+
+
+def test_epoch_windows_resume_at_any_batch():
+    """Batch i depends on (seed, i) alone: a pretraining resumed at batch 5 draws what an
+    uninterrupted one draws from its 6th batch on (epochs of 93 windows, batches of 40)."""
+    episodes = (np.array([0, 5, 105]), np.array([5, 100, 3]))
+    whole = epoch_windows(3, episodes, 40, 10)
+    ref = [next(whole) for _ in range(9)]
+    resumed = epoch_windows(3, episodes, 40, 10, first_batch=5)
+    for rows, mask in ref[5:]:
+        again = next(resumed)
+        assert np.array_equal(again[0], rows) and np.array_equal(again[1], mask)
+    assert not np.array_equal(ref[0][0], next(epoch_windows(4, episodes, 40, 10))[0])
 
 
 def test_terminal_reward_zeroed_only_for_terminated_episodes():
