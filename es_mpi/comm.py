@@ -74,6 +74,13 @@ def any_rank(comm: MPI.Comm, flag: bool) -> bool:
     return bool(comm.allreduce(bool(flag), op=MPI.LOR))
 
 
+def any_rank_each(comm: MPI.Comm, *flags: bool) -> tuple[bool, ...]:
+    """For each flag, True on every rank if it is true on any rank (one collective)."""
+    out = np.empty(len(flags), dtype=np.int32)
+    comm.Allreduce(np.array(flags, dtype=np.int32), out, op=MPI.MAX)
+    return tuple(bool(v) for v in out)
+
+
 def first_failing_rank(comm: MPI.Comm, failed: bool) -> int | None:
     """The lowest rank where `failed` is true, agreed on every rank; None if none failed."""
     first = comm.allreduce(comm.Get_rank() if failed else comm.Get_size(), op=MPI.MIN)

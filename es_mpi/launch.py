@@ -12,6 +12,8 @@ EXIT_OK = 0  # finished: run.iterations done (also when it was already done at s
 EXIT_CONFIG_ERROR = 2  # bad job/overrides, or resume refused (config differs, no valid ckpt)
 EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1: checkpoint written; run the same command to resume
 EXIT_LAUNCHER_ERROR = 4  # SLURM started N>1 tasks but each got its own one-rank MPI world
+EXIT_DISK_FULL = 6  # a checkpoint or results.h5 did not fit (no space, or quota): named, no
+# partial file left; free space and run the same command to resume from the newest checkpoint
 
 
 
