@@ -250,6 +250,7 @@ class WorkCounter:
         self.window.Lock_all()
         self._one = np.ones(1, dtype=np.int64)
         self._got = np.zeros(1, dtype=np.int64)
+        self._seen = np.zeros(1, dtype=np.int64)
 
     def fetch_add(self, increment: int = 1) -> int:
         """Add `increment` to the counter and return the value it had before."""
@@ -257,6 +258,12 @@ class WorkCounter:
         self.window.Fetch_and_op(self._one, self._got, 0, 0, MPI.SUM)
         self.window.Flush(0)
         return int(self._got[0])
+
+    def peek(self) -> int:
+        """The counter's value now, unchanged (an atomic read: local on rank 0)."""
+        self.window.Fetch_and_op(self._one, self._seen, 0, 0, MPI.NO_OP)
+        self.window.Flush(0)
+        return int(self._seen[0])
 
     def free(self) -> None:
         self.window.Unlock_all()

@@ -208,3 +208,66 @@ def test_inspect_plot_without_matplotlib_says_how_to_install(files, monkeypatch,
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
     assert inspect.main([str(tmp_path / "no-such-run"), "--plot", str(tmp_path / "x.png")]) == 2
     assert 'pip install -e ".[tools]"' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- progress
+def test_progress_lines_wait_and_are_rate_limited(capsys, monkeypatch):
+    from es_mpi.iteration import PROGRESS_VAR, Progress, progress_seconds
+
+    monkeypatch.delenv(PROGRESS_VAR, raising=False)
+    assert progress_seconds() == (10.0, 30.0)  # not a terminal (pytest captures stdout)
+    monkeypatch.setenv(PROGRESS_VAR, "0,0.2")
+    assert progress_seconds() == (0.0, 0.2)
+    quiet = Progress(3, lambda done: (done / 8, f"{done} of 8"), after=10.0, every=0.0)
+    for done in range(1, 9):
+        quiet.tick(done)
+    assert capsys.readouterr().out == ""  # an iteration shorter than `after`: nothing
+    loud = Progress(3, lambda done: (done / 8, f"{done} of 8"), after=0.0, every=3600.0)
+    for done in range(1, 9):
+        loud.tick(done)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iter     3 | in progress: 1 of 8 (12%) | ")
+    assert "s left" in lines[0]
+
+
+def _theta_and_output(run_dir: Path, assignment: str, progress: str | None):
+    extra = {} if progress is None else {"ES_MPI_PROGRESS": progress}
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "es_mpi.run",
+           str(ROOT / "jobs" / "quickstart.yaml"), f"run.dir={run_dir}", *SMALL,
+           "run.iterations=2", f"run.assignment={assignment}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), **extra}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state, _ = load_checkpoint(checkpoint_path(run_dir, 2))
+    return state.theta.tobytes(), proc.stdout
+
+
+def test_progress_estimates_of_both_assignments():
+    """In-process, one rank: the static estimate is rank 0's share, the dynamic one the
+    counter's chunks (read, not advanced: the items taken afterwards are unchanged)."""
+    from es_mpi import comm as mpi
+    from es_mpi.iteration import DynamicAssignment, StaticAssignment
+
+    static = StaticAssignment(mpi.world())
+    assert static.progress(1, 4, 3) == (3 / 9, "rank 0 has run 3 of its 9 episodes")
+    dynamic = DynamicAssignment(mpi.world())
+    items = dynamic.items(1, 4)
+    taken = [next(items) for _ in range(3)]  # chunks: 1 evaluation episode, then 4, 2, 1, 1
+    assert dynamic.progress(1, 4, 3) == (5 / 9, "5 of 9 episodes handed out")
+    assert taken + list(items) == list(range(9))
+    dynamic.free()
+
+
+@pytest.mark.mpi
+def test_progress_inside_an_iteration_changes_nothing_else(tmp_path):
+    """Forced on (ES_MPI_PROGRESS=0,0: a line after every episode of rank 0) the lines
+    appear and theta is bitwise the same; by default a short run prints none."""
+    plain, out = _theta_and_output(tmp_path / "plain", "dynamic", None)
+    assert "in progress" not in out and len(out.splitlines()) == 3  # start line, 2 rows
+    forced, out = _theta_and_output(tmp_path / "forced", "dynamic", "0,0")
+    lines = [line for line in out.splitlines() if "in progress" in line]
+    print("\n".join(lines[:3]))
+    assert forced == plain
+    for it in (0, 1):
+        assert any(line.startswith(f"iter     {it} | in progress: ") and
+                   "episodes handed out" in line for line in lines)
