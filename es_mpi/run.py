@@ -156,7 +156,8 @@ def report_disk_full(cfg: JobConfig, error: OSError, state) -> int:
     then = (f"resume from its newest checkpoint, {found[-1][1]} (iteration {found[-1][0]}; "
             "the iterations after it are recomputed, bitwise the same)" if found
             else "start over (no checkpoint was written yet)")
-    print(f"es_mpi: disk full: {error}. No partial file is left behind. Stopped after "
+    cleaned = " No partial file is left behind." if isinstance(error, DiskFullError) else ""
+    print(f"es_mpi: disk full: {error}.{cleaned} Stopped after "
           f"iteration {state.iteration}: free space (or move run.dir to a larger file system) "
           f"and run the same command to {then}. Exit code {EXIT_DISK_FULL}.", file=sys.stderr,
           flush=True)
