@@ -128,6 +128,30 @@ def test_run_on_a_full_disk_exits_6_on_every_rank_and_resumes(small_fs):
     assert inspect.summarize(inspect.load_runs([str(run_dir)])[0])["iterations"] == "2/2"
 
 
+@pytest.mark.mpi
+def test_preempted_on_a_full_disk_exits_6_on_every_rank(small_fs):
+    """The preemption checkpoint does not fit: named, no .tmp, exit 6 (not 3: nothing to
+    resume from was written), no traceback."""
+    import os
+    import signal
+
+    from _mpirun_persist import kill_job, n_rows, rank_pids, start_job, wait_for
+
+    run_dir = small_fs("1m") / "run"
+    proc = start_job(2, run_dir, ["run.iterations=500", "run.checkpoint_every=1000",
+                                  "policy.hidden=[256,256]"])
+    try:
+        assert wait_for(lambda: n_rows(run_dir / "results.h5") >= 2, 120, 0.05, proc)
+        os.kill(rank_pids(run_dir)[1], signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_job(proc)
+    assert proc.returncode == EXIT_DISK_FULL, err[-3000:]
+    assert "disk full: cannot write checkpoint" in err and "Preempted after iteration" in err
+    assert "Traceback" not in err and "preempted (" not in out
+    assert not list(run_dir.rglob("*.tmp")) and not list_checkpoints(run_dir)
+
+
 # ----------------------------------------------------------------------------- file kinds
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> types.SimpleNamespace:
