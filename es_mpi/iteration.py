@@ -79,7 +79,8 @@ class DynamicAssignment:
         self.counter.free()
 
 
-# run.assignment -> class(comm) with .items(n_eval, n_pairs) -> this rank's item numbers
+# run.assignment -> class(comm) with .items(n_eval, n_pairs) -> this rank's item numbers and
+# .progress(n_eval, n_pairs, done) -> (fraction, words): rank 0's estimate for Progress
 ASSIGNMENTS = {"static": StaticAssignment, "dynamic": DynamicAssignment}
 
 
@@ -154,8 +155,9 @@ class Progress:
         elapsed = now - self.start
         left = f"about {elapsed * (1 - fraction) / fraction:,.0f} s left" if fraction > 0 \
             else "time left unknown"
-        print(f"iter {self.iteration:5d} | in progress: {what} ({100 * fraction:.0f}%) | "
-              f"{elapsed:,.0f} s so far, {left}", flush=True)
+        # not "iter ...": log readers take those lines for finished iterations
+        print(f"es_mpi: iteration {self.iteration} in progress: {what} "
+              f"({100 * fraction:.0f}%), {elapsed:,.0f} s so far, {left}", flush=True)
         self.due = now + self.every
 
 

@@ -250,7 +250,8 @@ def test_progress_lines_wait_and_are_rate_limited(capsys, monkeypatch):
     for done in range(1, 9):
         loud.tick(done)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("iter     3 | in progress: 1 of 8 (12%) | ")
+    assert len(lines) == 1
+    assert lines[0].startswith("es_mpi: iteration 3 in progress: 1 of 8 (12%), ")
     assert "s left" in lines[0]
 
 
@@ -290,8 +291,9 @@ def test_progress_inside_an_iteration_changes_nothing_else(tmp_path):
     assert "in progress" not in out and len(out.splitlines()) == 3  # start line, 2 rows
     forced, out = _theta_and_output(tmp_path / "forced", "dynamic", "0,0")
     lines = [line for line in out.splitlines() if "in progress" in line]
+    assert out.count("iter ") == 2  # log readers' count of finished iterations is unchanged
     print("\n".join(lines[:3]))
     assert forced == plain
     for it in (0, 1):
-        assert any(line.startswith(f"iter     {it} | in progress: ") and
+        assert any(line.startswith(f"es_mpi: iteration {it} in progress: ") and
                    "episodes handed out" in line for line in lines)
