@@ -251,7 +251,7 @@ class ResultsWriter:
             os.replace(tmp, self.path)
         except BaseException as exc:
             if getattr(self, "file", None) is not None:
-                _close_quietly(self.file)
+                _abandon(self.file)
             tmp.unlink(missing_ok=True)  # never leave a partial file on a full disk
             if is_no_space(exc):
                 raise disk_full("results file", self.path, exc, _file_bytes(rows)) from None
@@ -317,6 +317,7 @@ class ResultsWriter:
             if not is_no_space(exc):
                 raise
             self.failed = True  # row n is not committed: readers see rows 0..n-1
+            _abandon(self.file)
             raise disk_full("results file", self.path, exc, _ROOM_BYTES,
                             f" more to add row {n}") from None
 
@@ -333,15 +334,14 @@ class ResultsWriter:
                 for name, (dtype, _, _) in self.columns.items()}
 
     def close(self) -> None:
-        if self.failed:  # a write failed inside HDF5 (the disk filled up during the append):
-            return  # closing could crash the process; the file is rebuilt when resuming
-        self.file.close()
+        if not self.failed:  # else closed already (_abandon)
+            self.file.close()
 
 
 # Room for HDF5's metadata and a new compressed chunk per column (a results file of a few
-# rows takes about 25 kB). An append needs this much free space before it starts: HDF5 in
-# SWMR mode does not recover from a failed metadata write (closing such a file can crash
-# the process), so a full disk is best found before writing.
+# rows takes about 25 kB). An append needs this much free space before it starts: a full
+# disk is best found before HDF5 fails a write (see _abandon; a quota that statvfs does
+# not show is only found there).
 _ROOM_BYTES = 256 * 1024
 
 
@@ -350,11 +350,20 @@ def _file_bytes(rows: dict[str, np.ndarray]) -> int:
     return sum(np.asarray(c).nbytes for c in rows.values()) + _ROOM_BYTES
 
 
-def _close_quietly(f: h5py.File) -> None:
-    """Close a file whose last write failed: HDF5 retries the write while closing its
-    objects and reports the failure once per object, where nothing can be done about it."""
+def _abandon(f: h5py.File) -> None:
+    """Close a file whose last write failed for want of space. HDF5 retries the write while
+    closing, fails again, and the objects it leaves behind can crash the process later; so
+    its descriptor is first pointed at /dev/null, where every write succeeds. What is on disk
+    stays as it was: the committed rows read back, and a resume rebuilds the file."""
+    try:
+        fd = f.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+    except (OSError, RuntimeError, ValueError, TypeError):
+        pass  # not the POSIX driver: close as it is
     hook = sys.unraisablehook
-    sys.unraisablehook = lambda _: None
+    sys.unraisablehook = lambda _: None  # HDF5's complaints while closing: nothing to do
     try:
         f.close()
     except (OSError, RuntimeError):

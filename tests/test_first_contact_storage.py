@@ -297,3 +297,26 @@ def test_progress_inside_an_iteration_changes_nothing_else(tmp_path):
     for it in (0, 1):
         assert any(line.startswith(f"es_mpi: iteration {it} in progress: ") and
                    "episodes handed out" in line for line in lines)
+
+
+def test_an_append_that_fails_inside_hdf5_is_named_and_closed_safely(small_fs, monkeypatch):
+    """Where free space is not seen beforehand (a quota, another writer), HDF5 itself fails
+    the write: the same DiskFullError, the file is closed without crashing the process (a
+    plain close after such a failure crashed it), and the committed rows read back."""
+    from es_mpi import results
+
+    fs = small_fs("1m")
+    monkeypatch.setattr(results, "free_bytes", lambda folder: None)  # no look beforehand
+    writer = ResultsWriter(fs / "results.h5", config_text=CONFIG)
+    writer.append(fake_row(0))
+    fill(fs)
+    with pytest.raises(DiskFullError, match=r"results\.h5: No space left on device") as info:
+        for i in range(1, 5000):  # the first rows may fit in space HDF5 holds already
+            writer.append(fake_row(i))
+    writer.close()
+    del writer
+    import gc
+    gc.collect()  # where the crash was
+    (fs / "filler").unlink()
+    rows = read_results(fs / "results.h5")["iteration"]
+    assert len(rows) >= 1 and np.array_equal(rows, np.arange(len(rows))), info.value
