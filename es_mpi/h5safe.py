@@ -12,6 +12,9 @@ Two ways a damaged file can stop a reader for good, and what bounds each:
   limit bounds that, and only in another process: `guarded_call` runs the read in a fresh
   Python process that is killed past its limit (a stuck thread would keep h5py's lock).
 
+Also what readers and writers of es_mpi's files share: telling a checkpoint from a results
+file (`file_kind`), and naming a write that failed for want of space (`DiskFullError`).
+
 Never imports MPI.
 """
 from __future__ import annotations

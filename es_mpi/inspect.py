@@ -301,7 +301,7 @@ TOOLS_HINT = 'pip install -e ".[tools]" in the es_mpi repository (the tools extr
 
 
 def output_problem(args: argparse.Namespace) -> str | None:
-    """Why --csv or --plot cannot be written (or plotted), or None. Creates nothing."""
+    """Why --csv or --plot cannot be written (or plotted), or None. Leaves nothing behind."""
     if args.plot:
         try:
             import matplotlib  # noqa: F401
