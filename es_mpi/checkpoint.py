@@ -20,7 +20,8 @@ import h5py
 import numpy as np
 
 from .es import ObsStats, OptimizerState
-from .h5safe import HDF5_ERRORS, GuardedReadError, guard_seconds, guarded_call
+from .h5safe import (HDF5_ERRORS, GuardedReadError, disk_full, file_kind, guard_seconds,
+                     guarded_call, is_no_space, not_hdf5)
 from .results import check_rows
 
 # 2: adds the group `results/` (the results.h5 rows 0..iteration-1); format 1 loads too.
@@ -133,8 +134,33 @@ def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
         raise ValueError("save_checkpoint: state.results (the results rows) is required")
     rows = check_rows(state.results, state.iteration)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(tmp, state, rows, config_text, rng, extra_group)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # never leave a partial file on a full disk
+        if is_no_space(exc):
+            raise disk_full("checkpoint", path, exc, checkpoint_bytes(state, rows),
+                            f" (theta and optimiser state of {state.theta.size:,} "
+                            "parameters)") from None
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def checkpoint_bytes(state: TrainState, rows: dict[str, np.ndarray] | None = None) -> int:
+    """About the size of `state`'s checkpoint file: its arrays and 64 kB of HDF5 metadata."""
+    arrays = [state.theta.astype(np.float32), state.opt.m, state.opt.v, state.obs_stats.sum,
+              state.obs_stats.sumsq, state.prev_lengths, *state.extras.values(),
+              *(rows or state.results or {}).values()]
+    return sum(np.asarray(a).nbytes for a in arrays) + 65536
+
+
+def _write(tmp: Path, state: TrainState, rows: dict[str, np.ndarray], config_text: str,
+           rng: dict | None, extra_group: tuple[str, dict, dict] | None) -> None:
+    """The checkpoint's content into `tmp`, flushed and fsynced."""
     with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
         f.create_dataset("theta", data=state.theta.astype(np.float32))
         f.attrs["format_version"] = FORMAT_VERSION
@@ -165,9 +191,6 @@ def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
         f.flush()
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
 
 
 def _write_members(f: h5py.File, group: str, items: dict, as_attrs: bool = False) -> None:
@@ -222,6 +245,8 @@ def _check_loads(path: str, verify: bool) -> None:
 def _read_checkpoint(path: str | Path, verify: bool) -> tuple[TrainState, str]:
     try:
         with h5py.File(path, "r") as f:
+            if file_kind(f) == "results":
+                raise CheckpointError(_results_not_checkpoint(path))
             if verify:
                 stored = f.attrs.get("checksum")
                 if stored is None:
@@ -249,7 +274,19 @@ def _read_checkpoint(path: str | Path, verify: bool) -> tuple[TrainState, str]:
     # truncated, not HDF5, missing members, undecodable metadata; TypeError: a member of the
     # wrong kind (a broken link reads as None)
     except (*HDF5_ERRORS, TypeError) as exc:
+        if not_hdf5(path) and not str(path).endswith(".h5"):
+            raise CheckpointError(f"{path}: not an HDF5 file, so not an es_mpi checkpoint; "
+                                  "pass a checkpoint (RUN/checkpoints/ckpt_NNNNNN.h5) or a "
+                                  "run directory") from None
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+
+
+def _results_not_checkpoint(path: str | Path) -> str:
+    """What to say when a results file is given where a checkpoint is read."""
+    run_dir = Path(path).resolve().parent
+    return (f"{path} is an es_mpi results file (results.h5), not a checkpoint: pass a "
+            f"checkpoint ({run_dir}/checkpoints/ckpt_NNNNNN.h5) or the run directory "
+            f"({run_dir}) for its newest one")
 
 
 def _stored_rows(f: h5py.File, iteration: int) -> dict[str, np.ndarray] | None:

@@ -74,6 +74,13 @@ def any_rank(comm: MPI.Comm, flag: bool) -> bool:
     return bool(comm.allreduce(bool(flag), op=MPI.LOR))
 
 
+def any_rank_each(comm: MPI.Comm, *flags: bool) -> tuple[bool, ...]:
+    """For each flag, True on every rank if it is true on any rank (one collective)."""
+    out = np.empty(len(flags), dtype=np.int32)
+    comm.Allreduce(np.array(flags, dtype=np.int32), out, op=MPI.MAX)
+    return tuple(bool(v) for v in out)
+
+
 def first_failing_rank(comm: MPI.Comm, failed: bool) -> int | None:
     """The lowest rank where `failed` is true, agreed on every rank; None if none failed."""
     first = comm.allreduce(comm.Get_rank() if failed else comm.Get_size(), op=MPI.MIN)
@@ -243,6 +250,7 @@ class WorkCounter:
         self.window.Lock_all()
         self._one = np.ones(1, dtype=np.int64)
         self._got = np.zeros(1, dtype=np.int64)
+        self._seen = np.zeros(1, dtype=np.int64)
 
     def fetch_add(self, increment: int = 1) -> int:
         """Add `increment` to the counter and return the value it had before."""
@@ -250,6 +258,12 @@ class WorkCounter:
         self.window.Fetch_and_op(self._one, self._got, 0, 0, MPI.SUM)
         self.window.Flush(0)
         return int(self._got[0])
+
+    def peek(self) -> int:
+        """The counter's value now, unchanged (an atomic read: local on rank 0)."""
+        self.window.Fetch_and_op(self._one, self._seen, 0, 0, MPI.NO_OP)
+        self.window.Flush(0)
+        return int(self._seen[0])
 
     def free(self) -> None:
         self.window.Unlock_all()

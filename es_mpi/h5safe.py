@@ -12,11 +12,15 @@ Two ways a damaged file can stop a reader for good, and what bounds each:
   limit bounds that, and only in another process: `guarded_call` runs the read in a fresh
   Python process that is killed past its limit (a stuck thread would keep h5py's lock).
 
+Also what readers and writers of es_mpi's files share: telling a checkpoint from a results
+file (`file_kind`), and naming a write that failed for want of space (`DiskFullError`).
+
 Never imports MPI.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import pickle
 import signal
@@ -41,6 +45,69 @@ GUARD_SECONDS = 10.0
 GUARD_BYTES_PER_SECOND = 50e6  # plus one second per 50 MB of file
 
 _lib: ctypes.CDLL | None | bool = False  # False: not looked up yet; None: not available
+
+
+# A write that fails with one of these found its file system full (or the user's quota spent).
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """Writing an es_mpi file failed for want of space: names the file, the space it needs
+    (an estimate) and what is free. The partial file has been removed."""
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True if `exc` is a write that failed because the file system is full (or over quota).
+    h5py keeps the errno when it can; otherwise it is only in HDF5's message."""
+    if not isinstance(exc, (OSError, RuntimeError)):  # h5py: RuntimeError for a failed flush
+        return False
+    if getattr(exc, "errno", None) in NO_SPACE_ERRNOS:
+        return True
+    text = str(exc)
+    return any(f"errno = {code}," in text or os.strerror(code) in text for code in NO_SPACE_ERRNOS)
+
+
+def megabytes(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n / 1e3:,.0f} kB"
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """Bytes this user may still write on the file system of `folder` (None if unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def disk_full(what: str, path: Path, exc: Exception, need: int | None, detail: str = ""
+              ) -> DiskFullError:
+    """The DiskFullError for a failed write of `path` (called after the partial file is gone)."""
+    free = free_bytes(path.parent)
+    need_text = "" if need is None else f"; it needs about {megabytes(need)}{detail}"
+    free_text = "" if free is None else f", {megabytes(free)} free there now"
+    code = getattr(exc, "errno", None)
+    code = code if code in NO_SPACE_ERRNOS else errno.ENOSPC
+    err = DiskFullError(f"cannot write {what} {path}: {os.strerror(code)}{need_text}{free_text}")
+    err.errno = code
+    return err
+
+
+def not_hdf5(path: str | Path) -> bool:
+    """True if `path` is a readable file without an HDF5 signature (h5py.is_hdf5)."""
+    try:
+        return not h5py.is_hdf5(path)
+    except (OSError, ValueError):
+        return False
+
+
+def file_kind(f: h5py.File) -> str:
+    """'checkpoint', 'results' or 'other': which kind of es_mpi file an open HDF5 file is."""
+    if "theta" in f and "optimizer" in f:
+        return "checkpoint"
+    if "iterations" in f and "theta" not in f:
+        return "results"
+    return "other"
 
 
 class GuardedReadError(OSError):

@@ -96,13 +96,36 @@ def _nanfn(fn, x: np.ndarray) -> float:
     return float(fn(x)) if x.size and not np.all(np.isnan(x)) else float("nan")
 
 
+def checkpointed(run: Run) -> int | None:
+    """Iterations the newest checkpoint of the run's directory holds (0: none), or None for
+    a results.h5 that is not in a run directory (no config.yaml beside it)."""
+    from .checkpoint import list_checkpoints
+
+    run_dir = run.path.parent
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    found = list_checkpoints(run_dir)
+    return found[-1][0] if found else 0
+
+
+def iterations_text(run: Run) -> str:
+    """'done/total', and where rows lack a checkpoint (a live run between checkpoints, or one
+    stopped by a failed write) how far the checkpoints go: a run is complete only when both
+    the rows and the checkpoint are."""
+    total = run.config.get("run.iterations")
+    text = f"{run.iterations}/{total}" if total else str(run.iterations)
+    saved = checkpointed(run)
+    if saved is not None and saved < run.iterations:
+        text += f" (checkpoint {saved})" if saved else " (no checkpoint)"
+    return text
+
+
 def summarize(run: Run) -> dict:
     c = run.columns
-    total = run.config.get("run.iterations")
     return {
         "run": run.name,
         "seed": run.config.get("run.seed", ""),
-        "iterations": f"{run.iterations}/{total}" if total else str(run.iterations),
+        "iterations": iterations_text(run),
         "timesteps": int(c["timesteps"][-1]) if run.iterations else 0,
         "best_eval": _nanfn(np.nanmax, c.get("eval_return", [])),
         "last_eval": float(c["eval_return"][-1]) if run.iterations else float("nan"),
@@ -274,6 +297,46 @@ class _quiet:
         return self._ctx.__exit__(*exc)
 
 
+TOOLS_HINT = 'pip install -e ".[tools]" in the es_mpi repository (the tools extra)'
+
+
+def output_problem(args: argparse.Namespace) -> str | None:
+    """Why --csv or --plot cannot be written (or plotted), or None. Leaves nothing behind."""
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return f"--plot needs matplotlib: {TOOLS_HINT}"
+    for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
+        why = None if path in (None, "-") else unwritable(Path(path))
+        if why:
+            return f"{flag}: cannot write {path}: {why}"
+    return None
+
+
+def unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at `path`, or None: probed by creating and removing a
+    temporary file beside it (that also catches read-only and /proc-like file systems)."""
+    import tempfile
+
+    folder = path.parent
+    if path.is_dir():
+        return "it is a directory"
+    if not folder.exists():
+        return f"no such directory {folder}"
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "the file is not writable"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".es_mpi_probe_", dir=folder)
+    except OSError as exc:
+        return f"{folder}: {exc.strerror}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m es_mpi.inspect", description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="+", help="run dirs, results.h5 files, folders or globs")
@@ -282,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="FILE.png", help="eval return and seconds per iteration; "
                    "achieved against target return for runs with es.eval_targets")
     args = p.parse_args(argv)
+    problem = output_problem(args)
+    if problem:  # before any file is read
+        print(f"es_mpi.inspect: {problem}", file=sys.stderr)
+        return 2
     errors: list[str] = []
     try:
         runs = load_runs(args.paths, errors)

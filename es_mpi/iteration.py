@@ -12,6 +12,8 @@ by rank, so theta is bitwise the same whoever evaluated what.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -38,6 +40,11 @@ class StaticAssignment:
     def items(self, n_eval: int, n_pairs: int) -> Iterator[int]:
         return iter(static_items(n_eval, n_pairs, self.size, self.rank))
 
+    def progress(self, n_eval: int, n_pairs: int, done: int) -> tuple[float, str]:
+        """(fraction done, what it is) estimated from this rank's own share."""
+        mine = len(static_items(n_eval, n_pairs, self.size, self.rank))
+        return done / max(mine, 1), f"rank {self.rank} has run {done:,} of its {mine:,} episodes"
+
     def free(self) -> None:
         pass
 
@@ -61,11 +68,19 @@ class DynamicAssignment:
             yield from range(bounds[c], bounds[c + 1])
         self.base += n_chunks + self.size
 
+    def progress(self, n_eval: int, n_pairs: int, done: int) -> tuple[float, str]:
+        """(fraction handed out, what it is) from the counter (read on rank 0: local)."""
+        bounds = chunk_bounds(n_eval, n_pairs, self.size)
+        chunks = min(max(self.counter.peek() - self.base, 0), len(bounds) - 1)
+        total = int(bounds[-1])
+        return int(bounds[chunks]) / total, f"{bounds[chunks]:,} of {total:,} episodes handed out"
+
     def free(self) -> None:
         self.counter.free()
 
 
-# run.assignment -> class(comm) with .items(n_eval, n_pairs) -> this rank's item numbers
+# run.assignment -> class(comm) with .items(n_eval, n_pairs) -> this rank's item numbers and
+# .progress(n_eval, n_pairs, done) -> (fraction, words): rank 0's estimate for Progress
 ASSIGNMENTS = {"static": StaticAssignment, "dynamic": DynamicAssignment}
 
 
@@ -103,6 +118,56 @@ def plan_iteration(cfg: JobConfig, rt, state: TrainState) -> IterationPlan:
     cap = es.adaptive_episode_cap(rt.episode_limit, state.prev_lengths, cfg.es.episode_cap_factor)
     return IterationPlan(state.iteration, draws, cap, make_normalizer(cfg.env, state.obs_stats),
                          cfg.es.env_seeds == "per_iteration", eval_returns_to_go(cfg))
+
+
+# ----------------------------------------------------------------------------- progress
+PROGRESS_VAR = "ES_MPI_PROGRESS"  # "AFTER,EVERY" seconds, e.g. "0,0" (tests); default below
+PROGRESS_AFTER = 10.0  # an iteration gets progress lines once it has run this long
+PROGRESS_EVERY = 30.0  # at most one line per this many seconds (10 on a terminal)
+
+
+def progress_seconds() -> tuple[float, float]:
+    """(after, every) of the progress lines: ES_MPI_PROGRESS, else the defaults."""
+    text = os.environ.get(PROGRESS_VAR, "")
+    if text:
+        after, _, every = text.partition(",")
+        return float(after), float(every or PROGRESS_EVERY)
+    return PROGRESS_AFTER, 10.0 if sys.stdout.isatty() else PROGRESS_EVERY
+
+
+class Progress:
+    """Rank 0's progress lines inside a long iteration (iteration 0 of a large population
+    can take minutes with nothing else printed). `tick` runs after every episode and costs
+    one clock read unless a line is due."""
+
+    def __init__(self, iteration: int, report, after: float, every: float):
+        self.iteration, self.report, self.every = iteration, report, every
+        self.start = time.monotonic()
+        self.due = self.start + after
+
+    def tick(self, done: int) -> None:
+        if time.monotonic() >= self.due:
+            self._line(done)
+
+    def _line(self, done: int) -> None:
+        now = time.monotonic()
+        fraction, what = self.report(done)
+        elapsed = now - self.start
+        left = f"about {elapsed * (1 - fraction) / fraction:,.0f} s left" if fraction > 0 \
+            else "time left unknown"
+        # not "iter ...": log readers take those lines for finished iterations
+        print(f"es_mpi: iteration {self.iteration} in progress: {what} "
+              f"({100 * fraction:.0f}%), {elapsed:,.0f} s so far, {left}", flush=True)
+        self.due = now + self.every
+
+
+def progress_for(cfg: JobConfig, comm, rt, state: TrainState) -> Progress | None:
+    """Rank 0's Progress for this iteration (None on the other ranks)."""
+    if comm.Get_rank() != 0:
+        return None
+    n_eval, n_pairs = n_eval_items(cfg), cfg.es.population
+    return Progress(state.iteration, lambda done: rt.assignment.progress(n_eval, n_pairs, done),
+                    *progress_seconds())
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -144,8 +209,9 @@ def run_item(cfg: JobConfig, rt, state: TrainState, plan: IterationPlan,
                                squares=cfg.env.obs_squares)
 
 
-def rollouts(cfg: JobConfig, rt, state: TrainState, plan: IterationPlan) -> LocalResults:
-    """Run the episodes the work assignment gives this rank."""
+def rollouts(cfg: JobConfig, rt, state: TrainState, plan: IterationPlan,
+             progress: Progress | None = None) -> LocalResults:
+    """Run the episodes the work assignment gives this rank (`progress`: rank 0's lines)."""
     start, out = time.perf_counter(), LocalResults()
     n_eval = n_eval_items(cfg)
     for number in rt.assignment.items(n_eval, cfg.es.population):
@@ -156,6 +222,8 @@ def rollouts(cfg: JobConfig, rt, state: TrainState, plan: IterationPlan) -> Loca
         out.lengths.append(res.length)
         if res.obs_count:
             out.recorded.append((number - n_eval, res))
+        if progress is not None:
+            progress.tick(len(out.items))
     out.busy_seconds = time.perf_counter() - start
     return out
 
@@ -333,7 +401,7 @@ def run_iteration(cfg: JobConfig, comm, rt, state: TrainState) -> tuple[TrainSta
     Raises Diverged (on every rank) if the returns or the new state are not finite."""
     t0 = time.perf_counter()
     plan = plan_iteration(cfg, rt, state)
-    local = rollouts(cfg, rt, state, plan)
+    local = rollouts(cfg, rt, state, plan, progress_for(cfg, comm, rt, state))
     t1 = time.perf_counter()
     got = exchange(cfg, comm, rt, state, local)
     check_finite(state.iteration, {"returns of the perturbed episodes": got.pairs.returns,

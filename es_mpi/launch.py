@@ -14,6 +14,8 @@ EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGINT: checkpoint written; run the same c
 EXIT_LAUNCHER_ERROR = 4  # SLURM started N>1 tasks but each got its own one-rank MPI world
 EXIT_DIVERGED = 5  # returns, theta, optimiser state or obs statistics not finite; nothing stored
 EXIT_ABORTED = 128 + signal.SIGINT  # a second SIGINT: ended at once, no checkpoint (shells: 130)
+EXIT_DISK_FULL = 6  # a checkpoint or results.h5 did not fit (no space, or quota): named, no
+# partial file left; free space and run the same command to resume from the newest checkpoint
 
 INTERRUPT_NOTE = (b"es_mpi: interrupted (SIGINT): the run stops after this iteration with a "
                   b"checkpoint and exit code 3; run the same command to resume. Press Ctrl-C "

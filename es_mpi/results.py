@@ -1,15 +1,18 @@
 """results.h5: one row per iteration in 1-D datasets under `iterations/` (rank 0 writes)."""
 from __future__ import annotations
 
+import errno
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from .h5safe import (HDF5_ERRORS, LIVE_READ_ATTEMPTS, NO_WRITER_READ_ATTEMPTS, guard_seconds,
-                     guarded_call, open_read, retries_can_be_bounded)
+from .h5safe import (HDF5_ERRORS, LIVE_READ_ATTEMPTS, NO_WRITER_READ_ATTEMPTS, GuardedReadError,
+                     disk_full, file_kind, free_bytes, guard_seconds, guarded_call,
+                     is_no_space, not_hdf5, open_read, retries_can_be_bounded)
 
 # name -> (dtype, units, meaning); the public schema of `iterations/` (docs/results-format.md)
 COLUMNS: dict[str, tuple[str, str, str]] = {
@@ -234,13 +237,25 @@ class ResultsWriter:
         else:
             rows = _rows_from_old_file(self.path, keep_rows, warn, self.columns)
         self._rows = {name: list(col) for name, col in rows.items()}
+        self.failed = False  # a write failed: the file is left as it is, closed quietly
         tmp = self.path.with_name(self.path.name + ".tmp")
-        self._write_fresh(tmp, rows, config_text, schema)
-        self.file = h5py.File(tmp, "a", libver=_LIBVER)
-        self.grp = self.file["iterations"]
-        self.file.swmr_mode = True  # no attribute may be written after this point
-        # Publish only now: a reader never finds the file in its locked, non-SWMR state.
-        os.replace(tmp, self.path)
+        try:
+            self._write_fresh(tmp, rows, config_text, schema)
+            self.file = h5py.File(tmp, "a", libver=_LIBVER)
+            self.grp = self.file["iterations"]
+            # Held open for the writer's life: HDF5 writes a closed dataset's metadata when it
+            # is closed, and an error there (a full disk) would only be printed, not raised.
+            self._ds = {name: self.grp[name] for name in self.columns}
+            self.file.swmr_mode = True  # no attribute may be written after this point
+            # Publish only now: a reader never finds the file in its locked, non-SWMR state.
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            if getattr(self, "file", None) is not None:
+                _abandon(self.file)
+            tmp.unlink(missing_ok=True)  # never leave a partial file on a full disk
+            if is_no_space(exc):
+                raise disk_full("results file", self.path, exc, _file_bytes(rows)) from None
+            raise
 
     def _set_aside_if_unreadable(self, warn) -> None:
         try:  # the caller holds run.dir's lock: no writer exists, so no retries are needed
@@ -270,7 +285,7 @@ class ResultsWriter:
                 ds.attrs.update(schema.attrs(name))
 
     def __len__(self) -> int:
-        return int(self.grp["iteration"].shape[0])
+        return int(self._ds["iteration"].shape[0])
 
     def append(self, row: dict | IterationRow) -> None:
         """Add one row, which must have exactly this run's columns (a misspelt or missing one
@@ -287,16 +302,28 @@ class ResultsWriter:
         n = len(self)
         if row["iteration"] != n:
             raise ValueError(f"results row {row['iteration']} appended as row {n}")
-        for name in self.columns:
-            if name != "iteration":
-                self._put(name, n, row[name])
-        self.file.flush()
-        self._put("iteration", n, row["iteration"])
-        self.file.flush()
+        free = free_bytes(self.path.parent)
+        if free is not None and free < _ROOM_BYTES:  # see _ROOM_BYTES: before HDF5 fails
+            raise disk_full("results file", self.path, OSError(errno.ENOSPC, ""), _ROOM_BYTES,
+                            f" more to add row {n}")
+        try:
+            for name in self.columns:
+                if name != "iteration":
+                    self._put(name, n, row[name])
+            self.file.flush()
+            self._put("iteration", n, row["iteration"])
+            self.file.flush()
+        except (OSError, RuntimeError) as exc:
+            if not is_no_space(exc):
+                raise
+            self.failed = True  # row n is not committed: readers see rows 0..n-1
+            _abandon(self.file)
+            raise disk_full("results file", self.path, exc, _ROOM_BYTES,
+                            f" more to add row {n}") from None
 
     def _put(self, name: str, n: int, value) -> None:
         value = np.asarray(value, dtype=self.columns[name][0])  # the very value memory keeps
-        ds = self.grp[name]
+        ds = self._ds[name]
         ds.resize((n + 1,))
         ds[n] = value
         self._rows[name].append(value[()])
@@ -307,7 +334,42 @@ class ResultsWriter:
                 for name, (dtype, _, _) in self.columns.items()}
 
     def close(self) -> None:
-        self.file.close()
+        if not self.failed:  # else closed already (_abandon)
+            self.file.close()
+
+
+# Room for HDF5's metadata and a new compressed chunk per column (a results file of a few
+# rows takes about 25 kB). An append needs this much free space before it starts: a full
+# disk is best found before HDF5 fails a write (see _abandon; a quota that statvfs does
+# not show is only found there).
+_ROOM_BYTES = 256 * 1024
+
+
+def _file_bytes(rows: dict[str, np.ndarray]) -> int:
+    """About the size of a fresh results file holding `rows`."""
+    return sum(np.asarray(c).nbytes for c in rows.values()) + _ROOM_BYTES
+
+
+def _abandon(f: h5py.File) -> None:
+    """Close a file whose last write failed for want of space. HDF5 retries the write while
+    closing, fails again, and the objects it leaves behind can crash the process later; so
+    its descriptor is first pointed at /dev/null, where every write succeeds. What is on disk
+    stays as it was: the committed rows read back, and a resume rebuilds the file."""
+    try:
+        fd = f.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+    except (OSError, RuntimeError, ValueError, TypeError):
+        pass  # not the POSIX driver: close as it is
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda _: None  # HDF5's complaints while closing: nothing to do
+    try:
+        f.close()
+    except (OSError, RuntimeError):
+        pass
+    finally:
+        sys.unraisablehook = hook
 
 
 def committed_rows(columns: dict[str, np.ndarray]) -> int:
@@ -327,6 +389,9 @@ def committed_rows(columns: dict[str, np.ndarray]) -> int:
 def _load(path: str, attempts: int | None, with_attrs: bool) -> tuple[dict, dict]:
     """(columns, root attributes or {}) as stored; HDF5 errors propagate."""
     with open_read(path, swmr=True, attempts=attempts) as f:
+        if "iterations" not in f and file_kind(f) == "checkpoint":
+            raise ResultsError(f"{path} is an es_mpi checkpoint, not a results file: pass "
+                               f"{_run_dir_of(path)} or its results.h5")
         cols = {}
         for name, ds in f["iterations"].items():
             if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:  # e.g. a broken link: None
@@ -335,6 +400,13 @@ def _load(path: str, attempts: int | None, with_attrs: bool) -> tuple[dict, dict
         attrs = {k: (v.decode() if isinstance(v, bytes) else v)
                  for k, v in f.attrs.items()} if with_attrs else {}
     return cols, attrs
+
+
+def _run_dir_of(checkpoint: str | Path) -> str:
+    """'the run directory (RUN)' for RUN/checkpoints/ckpt_*.h5, else 'a run directory'."""
+    folder = Path(checkpoint).resolve().parent
+    return f"the run directory ({folder.parent})" if folder.name == "checkpoints" else \
+        "a run directory"
 
 
 def read_file(path: str | Path, attempts: int = LIVE_READ_ATTEMPTS,
@@ -361,7 +433,14 @@ def _read(path: str | Path, attempts: int, guard: bool, with_attrs: bool) -> tup
                                        timeout=guard_seconds(path))
         else:
             cols, attrs = _load(str(path), attempts, with_attrs)
+    except ResultsError:
+        raise
     except HDF5_ERRORS as exc:
+        if isinstance(exc, GuardedReadError) and exc.kind == "ResultsError":
+            raise ResultsError(str(exc)) from None  # not damage: what _load says of the file
+        if not_hdf5(path) and not path.name.endswith(".h5"):
+            raise ResultsError(f"{path}: not an HDF5 file, so not a results.h5: pass a run "
+                               "directory or its results.h5") from None
         raise ResultsError(f"results.h5 unreadable/damaged: {path}: {exc}") from None
     n = committed_rows(cols)
     return {name: v[:n] for name, v in cols.items()}, attrs

@@ -15,7 +15,8 @@ from pathlib import Path
 from .checkpoint import (checkpoint_path, latest_valid_checkpoint, list_checkpoints,
                          prune_checkpoints, save_checkpoint)
 from .config import NUMBER_FREE_KEYS, ConfigError, JobConfig, flatten
-from .launch import EXIT_PREEMPTED, PreemptionFlag
+from .h5safe import DiskFullError
+from .launch import EXIT_DISK_FULL, EXIT_PREEMPTED, PreemptionFlag
 
 # Keys that may differ between a checkpoint's config and the resuming command's, because they
 # change no number of the run: extending it (run.iterations), moving its directory (run.dir:
@@ -245,14 +246,23 @@ def checkpoint_on_preemption(cfg: JobConfig, comm, flag: PreemptionFlag, state,
 
     `results`: rank 0's results rows (None on the other ranks)."""
     signalled = comm.gather(flag.signum, root=0)
+    code = EXIT_PREEMPTED
     if comm.Get_rank() == 0:
         path = checkpoint_path(cfg.run.dir, state.iteration)
-        if not saved and state.iteration > 0:
-            write_checkpoint(cfg, state, results)
+        try:
+            if not saved and state.iteration > 0:
+                write_checkpoint(cfg, state, results)
+        except DiskFullError as exc:
+            print(f"es_mpi: disk full: {exc}. Preempted after iteration {state.iteration} "
+                  f"without a checkpoint of it; free space and run the same command to resume "
+                  f"from the newest checkpoint. Exit code {EXIT_DISK_FULL}.", file=sys.stderr,
+                  flush=True)
+            code = EXIT_DISK_FULL
         who = ", ".join(f"rank {r}: {signal.Signals(s).name}"
                         for r, s in enumerate(signalled) if s is not None)
-        print(f"es_mpi: preempted ({who}) after iteration {state.iteration}; checkpoint "
-              f"{path if state.iteration > 0 else '(none needed)'}; run the same command to "
-              f"resume. Exit code {EXIT_PREEMPTED}.", flush=True)
-    comm.Barrier()  # no rank exits (and lets the launcher tear down) before the checkpoint
-    return EXIT_PREEMPTED
+        if code == EXIT_PREEMPTED:
+            print(f"es_mpi: preempted ({who}) after iteration {state.iteration}; checkpoint "
+                  f"{path if state.iteration > 0 else '(none needed)'}; run the same command "
+                  f"to resume. Exit code {EXIT_PREEMPTED}.", flush=True)
+    # no rank exits (and lets the launcher tear down) before the checkpoint: all wait for it
+    return comm.bcast(code, root=0)

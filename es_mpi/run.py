@@ -15,10 +15,11 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 
 from .config import ConfigError, JobConfig, load_job, repeated_overrides  # noqa: E402
+from .h5safe import DiskFullError, is_no_space  # noqa: E402
 from .iteration import Diverged, run_iteration  # noqa: E402
-from .launch import (EXIT_ABORTED, EXIT_CONFIG_ERROR, EXIT_DIVERGED,  # noqa: E402
-                     EXIT_LAUNCHER_ERROR, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag,
-                     check_launcher)
+from .launch import (EXIT_ABORTED, EXIT_CONFIG_ERROR, EXIT_DISK_FULL,  # noqa: E402
+                     EXIT_DIVERGED, EXIT_LAUNCHER_ERROR, EXIT_OK, EXIT_PREEMPTED,
+                     PreemptionFlag, check_launcher)
 from .resume import (RESUME_IGNORED_KEYS, checkpoint_on_preemption,  # noqa: E402
                      write_checkpoint)
 from .runtime import (build_training_policy, dubious_settings, open_results,  # noqa: E402
@@ -46,6 +47,9 @@ Exit codes:
   {EXIT_DIVERGED}  diverged: theta, the optimiser state, the observation statistics or the returns
      became inf or NaN; nothing of that iteration was stored (the checkpoints in run.dir are
      all finite). Lower es.lr or es.sigma.
+  {EXIT_DISK_FULL}  disk full (or quota spent): a checkpoint or results.h5 did not fit; rank 0
+     named the file and the space it needs, removed the partial file, and every rank stopped.
+     Free space and run the same command to resume from the newest checkpoint.
   1  any other failure (the whole job is aborted)
 
 --print-config prints the resolved configuration (every key, defaults filled in, overrides
@@ -116,9 +120,16 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
     if code is not None:
         return code
     mpi.check_identical(comm, state.theta, state.iteration - 1)
-    writer = open_results(cfg, state, comm, rt) if comm.Get_rank() == 0 else None
+    writer, full = None, None
+    if comm.Get_rank() == 0:
+        try:
+            writer = open_results(cfg, state, comm, rt)
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            full = exc  # every rank learns it at the first iteration boundary
     try:
-        code = iterate(cfg, comm, rt, state, writer, flag or PreemptionFlag())
+        code = iterate(cfg, comm, rt, state, writer, flag or PreemptionFlag(), full)
     finally:
         if writer is not None:
             writer.close()
@@ -126,13 +137,36 @@ def train(cfg: JobConfig, comm, env, policy, flag: PreemptionFlag | None = None,
     return code
 
 
-def iterate(cfg: JobConfig, comm, rt, state, writer, flag: PreemptionFlag) -> int:
-    """The loop: iterate, log, checkpoint; stop at a preemption boundary."""
+def checkpoint_due(cfg: JobConfig, iteration: int) -> bool:
+    return iteration % cfg.run.checkpoint_every == 0 or iteration == cfg.run.iterations
+
+
+def record(cfg: JobConfig, writer, state, row) -> OSError | None:
+    """Rank 0: append the row, print it, checkpoint when due; a full disk is returned."""
+    try:
+        writer.append(row)
+        print(row.summary(), flush=True)
+        if checkpoint_due(cfg, state.iteration):
+            write_checkpoint(cfg, state, writer.rows())
+    except DiskFullError as exc:
+        return exc
+    return None
+
+
+def iterate(cfg: JobConfig, comm, rt, state, writer, flag: PreemptionFlag,
+            full: OSError | None = None) -> int:
+    """The loop: iterate, log, checkpoint; stop at a preemption boundary, or when rank 0
+    found the disk full (`full`, the error), with EXIT_DISK_FULL on every rank."""
     from . import comm as mpi
 
     saved = True  # the state we start from is a checkpoint (or the initial state)
-    while state.iteration < cfg.run.iterations:
-        if flag.agreed(comm):  # the iteration boundary: every rank decides the same
+    while True:  # the iteration boundary: every rank decides the same (one collective)
+        disk_full, preempted = mpi.any_rank_each(comm, full is not None, flag.is_set())
+        if disk_full:
+            return EXIT_DISK_FULL if full is None else report_disk_full(cfg, full, state)
+        if state.iteration >= cfg.run.iterations:
+            break
+        if preempted:
             return checkpoint_on_preemption(cfg, comm, flag, state, saved,
                                             writer.rows() if writer else None)
         try:
@@ -141,16 +175,11 @@ def iterate(cfg: JobConfig, comm, rt, state, writer, flag: PreemptionFlag) -> in
             if writer is not None:
                 report_divergence(cfg, exc)
             return EXIT_DIVERGED
-        saved = False
+        saved = checkpoint_due(cfg, state.iteration)
         if cfg.run.verify_every and state.iteration % cfg.run.verify_every == 0:
             mpi.check_identical(comm, state.theta, state.iteration - 1)
         if writer is not None:
-            writer.append(row)
-            print(row.summary(), flush=True)
-        if state.iteration % cfg.run.checkpoint_every == 0 or state.iteration == cfg.run.iterations:
-            if writer is not None:
-                write_checkpoint(cfg, state, writer.rows())
-            saved = True
+            full = record(cfg, writer, state, row)
     mpi.check_identical(comm, state.theta, state.iteration - 1)
     comm.Barrier()
     return EXIT_OK
@@ -165,6 +194,22 @@ def report_divergence(cfg: JobConfig, exc: Diverged) -> None:
     print(f"es_mpi: diverged: {exc} (es.lr={cfg.es.lr}, es.sigma={cfg.es.sigma}); the run "
           f"stops without storing them; {kept}. Lower es.lr or es.sigma. Exit code "
           f"{EXIT_DIVERGED}.", file=sys.stderr, flush=True)
+
+
+def report_disk_full(cfg: JobConfig, error: OSError, state) -> int:
+    """Rank 0: what did not fit and how to go on (the other ranks exit with the same code)."""
+    from .checkpoint import list_checkpoints
+
+    found = list_checkpoints(cfg.run.dir)
+    then = (f"resume from its newest checkpoint, {found[-1][1]} (iteration {found[-1][0]}; "
+            "the iterations after it are recomputed, bitwise the same)" if found
+            else "start over (no checkpoint was written yet)")
+    cleaned = " No partial file is left behind." if isinstance(error, DiskFullError) else ""
+    print(f"es_mpi: disk full: {error}.{cleaned} Stopped after "
+          f"iteration {state.iteration}: free space (or move run.dir to a larger file system) "
+          f"and run the same command to {then}. Exit code {EXIT_DISK_FULL}.", file=sys.stderr,
+          flush=True)
+    return EXIT_DISK_FULL
 
 
 def launch(comm, args, flag: PreemptionFlag) -> int:
