@@ -18,11 +18,14 @@
 #
 # Exit codes of `python -m es_mpi.run`: 0 done (also when the run was already complete),
 # 2 bad job/overrides, 3 preempted (checkpoint written; requeue), 4 launcher gave one-rank
-# worlds (see ES_LAUNCHER / ES_SRUN_MPI). Anything else is a crash.
+# worlds (see ES_LAUNCHER / ES_SRUN_MPI), 5 diverged (theta not finite), 6 disk full; neither
+# 5 nor 6 is requeued (a rerun would meet the same). Anything else is a crash.
 
 EXIT_CONFIG_ERROR=2
 EXIT_PREEMPTED=3
 EXIT_LAUNCHER_ERROR=4
+EXIT_DIVERGED=5
+EXIT_DISK_FULL=6
 
 es_log() { echo "[$(date -u '+%F %T')] es_job: $*"; }
 
@@ -99,6 +102,14 @@ es_finish() {
     fi
     if [[ $rc == "$EXIT_CONFIG_ERROR" ]]; then
         es_log "exit $rc: bad job file or overrides, or a resume was refused (see above)"
+        exit "$rc"
+    fi
+    if [[ $rc == "$EXIT_DIVERGED" ]]; then
+        es_log "exit $rc: the run diverged (see above; lower es.lr or es.sigma): not requeueing"
+        exit "$rc"
+    fi
+    if [[ $rc == "$EXIT_DISK_FULL" ]]; then
+        es_log "exit $rc: disk full (see above): free space, then submit again to resume"
         exit "$rc"
     fi
     # 3 = checkpointed after a signal; after our own signal any death means "resume from the
