@@ -107,7 +107,7 @@ def family_of(policy) -> str:
 
 def override_settings(settings: BCSettings, items: list[str]) -> BCSettings:
     """`--set key=value` (YAML values) on top of a family's defaults; ConfigError if bad."""
-    import yaml
+    from .config import load_yaml
 
     names = {f.name: f for f in dataclasses.fields(BCSettings)}
     changes = {}
@@ -115,7 +115,7 @@ def override_settings(settings: BCSettings, items: list[str]) -> BCSettings:
         key, _, raw = item.partition("=")
         if key not in names:
             raise ConfigError(f"--set: unknown setting {key!r}; settings: {', '.join(names)}")
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)  # numbers in every spelling: 1e-3, .5, 1E3
         if key in NULLABLE and value is None:
             changes[key] = None
             continue
@@ -127,6 +127,8 @@ def override_settings(settings: BCSettings, items: list[str]) -> BCSettings:
                 pass
         if not isinstance(value, want):
             raise ConfigError(f"--set {key}: expected {want.__name__}, got {raw!r}")
+        if want is float and not math.isfinite(value):
+            raise ConfigError(f"--set {key}: must be a finite number, got {raw!r}")
         check_setting(key, value)
         changes[key] = value
     return dataclasses.replace(settings, **changes)
@@ -569,16 +571,20 @@ def write_partial(path: Path, job: Job, args, loop: TrainLoop, opt, sched, rng, 
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "generator": gen.get_state()}, blob)
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("theta", data=job.policy.get_theta())
-        f.create_dataset("torch_state", data=np.frombuffer(blob.getvalue(), np.uint8))
-        f.attrs.update({"done": loop.done, "fingerprint": fingerprint(job, args),
-                        "numpy_rng": json.dumps(rng.bit_generator.state),
-                        "window": json.dumps(loop.window),
-                        "curve": json.dumps(dataclasses.asdict(loop.curve))})
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("theta", data=job.policy.get_theta())
+            f.create_dataset("torch_state", data=np.frombuffer(blob.getvalue(), np.uint8))
+            f.attrs.update({"done": loop.done, "fingerprint": fingerprint(job, args),
+                            "numpy_rng": json.dumps(rng.bit_generator.state),
+                            "window": json.dumps(loop.window),
+                            "curve": json.dumps(dataclasses.asdict(loop.curve))})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a partial file on a full disk
+        raise
 
 
 def read_partial(path: Path, job: Job, args) -> dict | None:
@@ -820,8 +826,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{d.steps:,} steps, return mean {np.mean(d.episode_returns()):.2f} "
           f"({len(job.corpus.heldout[0])} episodes held out); settings "
           f"{dataclasses.asdict(job.settings)}", flush=True)
-    curve = train(job, args, partial)
-    path = write_pretrained(Path(args.out), job, curve, args)
+    try:
+        curve = train(job, args, partial)
+        path = write_pretrained(Path(args.out), job, curve, args)
+    except (OSError, RuntimeError) as exc:
+        from .h5safe import is_no_space
+        from .launch import EXIT_DISK_FULL
+
+        if not is_no_space(exc):
+            raise
+        kept = partial_path(args.out)
+        then = f"it continues from {kept}" if kept.exists() else "it starts afresh"
+        print(f"es_mpi: disk full: {exc}; free space and run the same command: {then}",
+              file=sys.stderr, flush=True)
+        return EXIT_DISK_FULL
     partial_path(args.out).unlink(missing_ok=True)
     print(f"es_mpi.pretrain: {summary(curve, args)}; wrote {path}", flush=True)
     return 0
