@@ -9,7 +9,8 @@ final MLP of their run es_ff_humanoid_1 (200 iterations) and the final DT of es_
 (the DT at policy.target_return 6000, dropout active as in their evaluations). Episodes i =
 0..N-1 start from reset(seed + i), 1,000 steps at most. Then the DT's return at each initial
 return-to-go of --rtg (Lorenc & Neruda's Table I), and the same for their behaviour-cloned
-DT (`pretrained_ckpts/humanoid.ckpt`, raw observations), the start of their pretraining runs. The numbers go to docs/fidelity.md by hand.
+DT (`pretrained_ckpts/humanoid.ckpt`, raw observations), the start of their pretraining
+runs. The numbers go to docs/fidelity.md by hand.
 """
 from __future__ import annotations
 
