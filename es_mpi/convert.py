@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, JobConfig
+from .es import ObsStats
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 # (policy kind, source format) -> the shipped job whose policy the file holds
@@ -189,11 +190,9 @@ def _tensor(value: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
 
 
-def obs_stats_of(src: Source, obs_shape: tuple):
+def obs_stats_of(src: Source, obs_shape: tuple) -> ObsStats:
     """es_mpi's running sums that give their mean and std (their VirtualBatchNormalization
     `set`: sum = mean·n, sumsq = (mean² + std²)·n); empty statistics for a BC model."""
-    from .es import ObsStats
-
     if src.stats is None:
         return ObsStats.empty(obs_shape)
     mean = src.stats["mean"].astype(np.float64)
@@ -212,6 +211,9 @@ def job_config(src: Source, job: str | None, overrides: list[str]) -> JobConfig:
     from .config import load_job
 
     path = Path(job) if job else JOBS / DEFAULT_JOBS[(src.kind, src.fmt)]
+    if not job and not path.is_file():
+        raise ConfigError(f"the default job {path} is not here (es_mpi installed without its "
+                          "jobs/ folder): name the job with --job")
     cfg = load_job(path, overrides)
     if cfg.policy.kind != src.kind:
         raise ConfigError(f"{src.path} holds a {src.kind} policy, job {path} a "
@@ -219,7 +221,7 @@ def job_config(src: Source, job: str | None, overrides: list[str]) -> JobConfig:
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, init_from=None))
 
 
-def build(src: Source, cfg: JobConfig):
+def build(src: Source, cfg: JobConfig) -> tuple[object, ObsStats, list[str]]:
     """(policy with the file's weights, ObsStats, ignored keys) in the job's environment."""
     from .envs import make_env
     from .runtime import build_policy

@@ -217,6 +217,17 @@ def test_unreadable_inputs_are_named(tmp_path):
     assert not (tmp_path / "out.h5").exists()
 
 
+def test_a_missing_default_job_asks_for_job(tmp_path, monkeypatch):
+    import es_mpi.convert
+
+    monkeypatch.setattr(es_mpi.convert, "JOBS", tmp_path)  # an install without jobs/
+    with pytest.raises(ConfigError, match="humanoid_dt_pretrained.yaml is not here .* --job"):
+        convert(DATA / "humanoid_bc.ckpt", tmp_path / "out.h5")
+    path = convert(DATA / "humanoid_bc.ckpt", tmp_path / "out.h5",
+                   job=str(REPO / "jobs/humanoid_dt.yaml"))
+    assert loads(load_checkpoint(path)[1]).run.dir == "results/humanoid_dt"
+
+
 def test_cli_exit_2_with_the_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "es_mpi.convert",
                            str(DATA / "es_dt_humanoid_1.model"), "policy.n_embd=64",
