@@ -24,7 +24,7 @@ from es_mpi.evaluate import Evaluator, read_checkpoint
 
 DATA = REPO / "tests" / "data"
 STEPS = 300
-# es_mpi.evaluate FILE --episodes 1 --max-steps 300 (seed 0) of each converted model, recorded
+# `es_mpi.evaluate FILE --episodes 1 --max-steps 300` (seed 0) of each converted model, recorded
 # once with MuJoCo 4.0.1 (another engine version moves them). A transposed square matrix of
 # the MLP falls in 14 steps (return 62); the DT's attention projection left untransposed
 # returns 1480.5 here, so its mapping is checked exactly against their layout below too
@@ -33,11 +33,13 @@ REFERENCE = {"es_ff_humanoid_1.model": 2101.410269076781,
 
 
 def evaluate(path: Path, steps: int = STEPS) -> float:
-    ev = Evaluator(read_checkpoint(path))
-    try:
-        return float(ev.run(1, 0, max_steps=steps).returns[0])
-    finally:
-        ev.env.close()
+    """The command a user runs (a process of its own: its CPU kernels pinned before torch
+    loads, whatever this test process imported first)."""
+    proc = subprocess.run([sys.executable, "-m", "es_mpi.evaluate", str(path), "--episodes",
+                           "1", "--max-steps", str(steps)], cwd=path.parent, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return float(proc.stdout.strip().splitlines()[-1].split()[2])
 
 
 @pytest.fixture(scope="module")
