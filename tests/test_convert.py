@@ -86,6 +86,20 @@ def test_normalisation_is_the_authors(converted):
     assert np.all(state.obs_stats.mean == 0) and np.all(state.obs_stats.std() == 1)
 
 
+def test_converted_file_is_the_documented_format(converted):
+    """docs/results-format.md: a checkpoint's names plus the `convert/` group, both ways."""
+    from _mpirun_persist import _pattern, documented, file_names
+
+    doc = {**documented("Checkpoint"), **documented("Converted model")}
+    for path in (converted["es_dt_humanoid_1.model"], converted["humanoid_bc.ckpt"]):
+        names = file_names(path)
+        for name, (kind, _) in names.items():
+            hits = [d for d in doc if _pattern(d).match(name)]
+            assert hits and doc[hits[0]]["kind"] == kind, f"{name} ({kind}) is not documented"
+        for d in documented("Converted model"):
+            assert d in names, f"{d} is documented but not written"
+
+
 # ----------------------------------------------------------------------------- their layout
 def authors_state(name: str) -> dict:
     sd = torch.load(DATA / name, weights_only=True)
