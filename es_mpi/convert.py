@@ -72,7 +72,8 @@ def load_state_dict(path: Path) -> dict:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a torch file, or it holds more than tensors
         raise ConfigError(f"{path}: not a torch state dict readable with weights_only=True "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                          f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})"
+                          ) from None
     if not isinstance(sd, dict):
         raise ConfigError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
     odd = [f"{k} ({type(v).__name__})" for k, v in sd.items() if not isinstance(v, torch.Tensor)]
@@ -91,13 +92,15 @@ def load_vbns(path: Path) -> dict:
                 raise ConfigError(f"{path}: no {', '.join(missing)} in the statistics file "
                                   f"(it holds {', '.join(data.files) or 'nothing'})")
             stats = {"mean": data["mean"], "std": data["std"], "count": float(data["count"])}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{path}: not an npz of observation statistics ({exc})") from None
-    if stats["mean"].shape != stats["std"].shape or not stats["count"] > 0:
-        raise ConfigError(f"{path}: mean {stats['mean'].shape} and std {stats['std'].shape} "
-                          f"must have one shape and count ({stats['count']}) be positive")
+    mean, std, count = stats["mean"], stats["std"], stats["count"]
+    if mean.shape != std.shape or not (count > 0 and np.all(std > 0)
+                                       and np.all(np.isfinite(mean))):
+        raise ConfigError(f"{path}: mean {mean.shape} and std {std.shape} must have one shape, "
+                          f"the mean be finite, the std and count ({count}) positive")
     return stats
 
 

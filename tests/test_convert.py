@@ -228,6 +228,13 @@ def test_unreadable_inputs_are_named(tmp_path):
     (tmp_path / "a.vbns").write_bytes(b"not an npz")
     with pytest.raises(ConfigError, match="a.vbns: not an npz of observation statistics"):
         convert(model, tmp_path / "out.h5")
+    np.savez(tmp_path / "zero.npz", mean=np.zeros(376), std=np.zeros(376), count=1.0)
+    with pytest.raises(ConfigError, match="zero.npz: .* the std and count .* positive"):
+        convert(model, tmp_path / "out.h5", vbns=tmp_path / "zero.npz")
+    np.savez(tmp_path / "short.npz", mean=np.zeros(375), std=np.ones(375), count=1.0)
+    with pytest.raises(ConfigError, match=r"short.npz: statistics of shape \(375,\), the "
+                                          r"environment observes \(376,\)"):
+        convert(model, tmp_path / "out.h5", vbns=tmp_path / "short.npz")
     with pytest.raises(ConfigError, match="--vbns: .*humanoid_bc.ckpt is a bare model"):
         convert(DATA / "humanoid_bc.ckpt", tmp_path / "out.h5", vbns=tmp_path / "a.vbns")
     assert not (tmp_path / "out.h5").exists()
