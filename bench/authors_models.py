@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from es_mpi.evaluate import parse_table
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 # Their plots (data/main_experiments_data/es_{ff,dt}_humanoid/*_eval.png, run 1, read off
@@ -34,13 +36,6 @@ def run(*args: str) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} exited {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc.stdout
-
-
-def rows(evaluate_output: str) -> list[list[str]]:
-    """The table rows of es_mpi.evaluate's output (after the dashes)."""
-    lines = evaluate_output.strip().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("---")) + 1
-    return [line.split() for line in lines[start:]]
 
 
 def convert(model: Path, out: Path) -> Path:
@@ -61,8 +56,8 @@ def main() -> int:
         print(f"{'run':>18}  {'what':>18}  {'es_mpi return':>14}  {'std':>8}  "
               f"{'length':>7}  {'authors (plot)':>14}  {'ratio':>6}")
         for name, (what, logged) in LOGGED.items():
-            _, _, mean, std, length, _ = rows(run("-m", "es_mpi.evaluate", str(files[name]),
-                                                  *ev))[0]
+            row = parse_table(run("-m", "es_mpi.evaluate", str(files[name]), *ev))[0]
+            mean, std, length = row["return mean"], row["return std"], row["length mean"]
             print(f"{name:>18}  {what:>18}  {float(mean):14.1f}  {float(std):8.1f}  "
                   f"{float(length):7.1f}  {logged * 1000:14.0f}  "
                   f"{float(mean) / (logged * 1000):6.3f}", flush=True)

@@ -238,6 +238,22 @@ def format_table(rows: list[Evaluation], episodes: int, default_target: float | 
     return "\n".join(lines)
 
 
+TABLE_COLUMNS = ("target return", "episodes", "return mean", "return std", "length mean",
+                 "length std")
+
+
+def parse_table(text: str) -> list[dict[str, float]]:
+    """The rows of format_table's table in `text` (e.g. es_mpi.evaluate's output), as
+    {column: value}: for scripts and tests, whichever columns the policy has."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if "return mean" in line and set(lines[i + 1]) == {"-"}:
+            head = [c for c in TABLE_COLUMNS if c in line]
+            return [dict(zip(head, map(float, row.split()))) for row in lines[i + 2:]
+                    if len(row.split()) == len(head)]
+    raise ValueError("no es_mpi.evaluate table in the text")
+
+
 def parse_rtg(text: str | None) -> list[float | None]:
     if text is None:
         return [None]

@@ -142,7 +142,7 @@ def test_binned_theta_is_rank_invariant(binned_runs):
 @pytest.mark.timeout(300)
 def test_evaluate_and_collect_act_with_the_bins(binned_runs):
     from es_mpi.collect import es_mpi_teacher, record_episode
-    from es_mpi.evaluate import Evaluator, read_checkpoint
+    from es_mpi.evaluate import Evaluator, parse_table, read_checkpoint
 
     ckpt = binned_runs / "n2" / "checkpoints" / "ckpt_000003.h5"
     ev = Evaluator(read_checkpoint(ckpt))
@@ -152,7 +152,7 @@ def test_evaluate_and_collect_act_with_the_bins(binned_runs):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"with {ev.policy.num_params:,} parameters" in proc.stdout
-    mean = float(proc.stdout.strip().splitlines()[-1].split()[2])
+    mean = parse_table(proc.stdout)[-1]["return mean"]
     assert mean == pytest.approx(ev.run(2, 7).returns.mean(), abs=0.005)
     teacher = es_mpi_teacher(type("Args", (), {"teacher": str(ckpt)})())
     episode = record_episode(teacher, env_seed=3, own_seed=4, max_steps=50)

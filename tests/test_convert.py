@@ -20,7 +20,7 @@ from mpi_helpers import REPO, child_env, mpirun, run_job
 from es_mpi.checkpoint import load_checkpoint
 from es_mpi.config import ConfigError, loads
 from es_mpi.convert import convert
-from es_mpi.evaluate import Evaluator, read_checkpoint
+from es_mpi.evaluate import Evaluator, parse_table, read_checkpoint
 
 DATA = REPO / "tests" / "data"
 STEPS = 300
@@ -39,7 +39,7 @@ def evaluate(path: Path, steps: int = STEPS) -> float:
                            "1", "--max-steps", str(steps)], cwd=path.parent, env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return float(proc.stdout.strip().splitlines()[-1].split()[2])
+    return parse_table(proc.stdout)[-1]["return mean"]
 
 
 @pytest.fixture(scope="module")

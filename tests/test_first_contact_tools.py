@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from es_mpi.config import ConfigError
-from es_mpi.evaluate import Evaluation, format_table, parse_rtg, parse_size
+from es_mpi.evaluate import Evaluation, format_table, parse_rtg, parse_size, parse_table
 from es_mpi.progress import LineProgress
 
 from mpi_helpers import REPO, child_env, mpirun, run_job
@@ -42,12 +42,19 @@ def test_progress_lines_are_rate_limited_with_an_eta():
 
 def test_the_target_return_column_only_for_a_policy_that_takes_one():
     rows = [Evaluation(None, np.array([1.0, 3.0]), np.array([10, 20]))]
-    mlp = format_table(rows, 2, None).splitlines()
+    mlp_text = format_table(rows, 2, None)
+    mlp = mlp_text.splitlines()
     assert "target" not in mlp[0] and "policy" not in mlp[2]
     assert mlp[2].split() == ["2", "2.00", "1.00", "15.0", "5.0"]
     dt = format_table(rows + [Evaluation(-1000.0, np.array([2.0]), np.array([5]))], 2, 6000.0)
     assert dt.splitlines()[0].split()[:2] == ["target", "return"]
     assert [line.split()[0] for line in dt.splitlines()[2:]] == ["6000", "-1000"]
+    parsed = parse_table("es_mpi.evaluate: a line before\n" + mlp_text + "\n")
+    assert parsed == [{"episodes": 2, "return mean": 2.0, "return std": 1.0, "length mean": 15.0,
+                       "length std": 5.0}]
+    assert [r["target return"] for r in parse_table(dt)] == [6000.0, -1000.0]
+    with pytest.raises(ValueError, match="no es_mpi.evaluate table"):
+        parse_table("nothing here")
 
 
 def test_argument_formats_are_named():

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
+from es_mpi.evaluate import parse_table
 from mpi_helpers import REPO, child_env, mpirun, run_job
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -34,9 +35,8 @@ def python(*args: str, timeout: float = 120, env: dict | None = None,
 
 
 def mean_return(evaluate_output: str) -> float:
-    """The last row's return mean: 4th from the end (a DT's rows start with a target return)."""
-    row = evaluate_output.strip().splitlines()[-1].split()
-    return float(row[-4])
+    """The last row's return mean."""
+    return parse_table(evaluate_output)[-1]["return mean"]
 
 
 @pytest.fixture(scope="module")
