@@ -328,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from . import comm as mpi
 
-    comm = mpi.world()
-    return mpi.abort_on_exception(comm, collect, comm, args)
+    from .launch import run_tool
+
+    comm = mpi.world()  # alone, run_tool names a known error; else abort_on_exception does
+    return run_tool(mpi.abort_on_exception, comm, collect, comm, args)
 
 
 if __name__ == "__main__":

@@ -271,7 +271,8 @@ class WorkCounter:
 
 
 def abort_on_exception(comm: MPI.Comm, fn, *args, **kwargs):
-    """Run fn; if it raises on this rank, print the traceback and end the whole job now.
+    """Run fn; if it raises on this rank, print the traceback (a configuration error or a
+    full disk: one line) and end the whole job now, with exit code 1 (2, 6).
 
     Without this, a rank that dies leaves the others blocked in their next collective.
     """
@@ -279,15 +280,21 @@ def abort_on_exception(comm: MPI.Comm, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except SystemExit:
         raise
-    except BaseException:
+    except BaseException as exc:
         if comm.Get_size() == 1:
             raise  # alone: Python prints the traceback and exits non-zero
+        from .launch import known_error
+
+        known = known_error(exc)  # a configuration error or a full disk: one line, its code
         sys.stdout.flush()
-        sys.stderr.write(f"[es_mpi] rank {comm.Get_rank()} of {comm.Get_size()} failed:\n")
-        traceback.print_exc()
+        if known is None:
+            sys.stderr.write(f"[es_mpi] rank {comm.Get_rank()} of {comm.Get_size()} failed:\n")
+            traceback.print_exc()
+        else:
+            sys.stderr.write(f"{known[0]} (rank {comm.Get_rank()})\n")
         sys.stderr.flush()
         # MPI_Abort makes the launcher kill every process at once; give it a moment to forward
         # what this rank just wrote, or the traceback can be lost with the job (seen with
         # MPICH's hydra when a rank fails right after start-up).
         time.sleep(ABORT_GRACE_SECONDS)
-        comm.Abort(1)
+        comm.Abort(1 if known is None else known[1])

@@ -271,9 +271,9 @@ def write_converted(out: Path, src: Source, cfg: JobConfig, policy, stats,
 def convert(model: str | Path, out: str | Path, job: str | None = None,
             overrides: list[str] = (), vbns: str | Path | None = None) -> Path:
     """Read, map, check, then write `out`: nothing is written unless everything fits."""
-    out = Path(out)
-    if out.is_dir():
-        raise ConfigError(f"--out: {out} is a folder; name the .h5 file to write")
+    from .outputs import check_writable
+
+    out = check_writable("--out", out)
     src = read_source(model, vbns)
     cfg = job_config(src, job, list(overrides))
     policy, stats, ignored = build(src, cfg)
@@ -294,12 +294,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        path = convert(args.model, args.out, args.job, args.overrides, args.vbns)
-    except ConfigError as exc:
-        print(f"es_mpi.convert: configuration error: {exc}", file=sys.stderr)
-        return 2
+    from .launch import run_tool
+
+    return run_tool(convert_command, parse_args(argv))
+
+
+def convert_command(args) -> int:
+    path = convert(args.model, args.out, args.job, args.overrides, args.vbns)
     from .checkpoint import load_checkpoint
     from .config import loads
 

@@ -31,6 +31,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .config import ConfigError  # noqa: E402
+from .outputs import check_writable  # noqa: E402
 
 
 GL_BACKENDS = ("egl", "osmesa")  # tried in this order when MUJOCO_GL is unset
@@ -215,9 +216,15 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: int) -> None:
 
     imageio = require("imageio.v2", "tools", "--video")
 
-    with imageio.get_writer(str(path), fps=fps, codec="libx264", macro_block_size=1) as w:
-        for frame in frames:
-            w.append_data(np.asarray(frame, dtype=np.uint8))
+    from .outputs import make_parent
+
+    try:
+        with imageio.get_writer(str(make_parent(path)), fps=fps, codec="libx264", macro_block_size=1) as w:
+            for frame in frames:
+                w.append_data(np.asarray(frame, dtype=np.uint8))
+    except BaseException:
+        Path(path).unlink(missing_ok=True)  # no half-written video (a full disk, Ctrl-C)
+        raise
 
 
 def format_table(rows: list[Evaluation], episodes: int, default_target: float | None) -> str:
@@ -278,25 +285,6 @@ def parse_size(text: str) -> tuple[int, int]:
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi")  # containers ffmpeg writes H.264 into
 
 
-def check_output_file(option: str, path: str | Path, suffixes: tuple[str, ...] = ()) -> Path:
-    """The absolute path of a file the command will write at its end, checked now: the
-    suffix, not a folder, its folder made and writable (a probe file is created and removed)."""
-    import tempfile
-
-    path = Path(path).absolute()
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise ConfigError(f"{option}: {path.name!r} should end in one of {', '.join(suffixes)}")
-    if path.is_dir():
-        raise ConfigError(f"{option}: {path} is a folder; name the file to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{option}: cannot write {path} ({exc})") from None
-    return path
-
-
 def check_args(args) -> list[float | None]:
     """The command line checked before any work (ConfigError naming the option): the
     returns-to-go to evaluate at."""
@@ -311,7 +299,7 @@ def check_args(args) -> list[float | None]:
 
         for module in ("imageio", "imageio_ffmpeg"):
             require(module, "tools", "--video")
-        args.video = check_output_file("--video", args.video, VIDEO_SUFFIXES)
+        args.video = check_writable("--video", args.video, VIDEO_SUFFIXES)
     return rtgs
 
 
@@ -388,14 +376,16 @@ def record_video(ckpt: Checkpoint, args, target_return: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .launch import run_tool
+
+    return run_tool(evaluate_command, parse_args(argv))
+
+
+def evaluate_command(args) -> int:
+    """Check everything, run the episodes, print the table; record the video."""
     from .progress import progress
 
-    args = parse_args(argv)
-    try:
-        ckpt, ev, rtgs = prepare(args)
-    except ConfigError as exc:
-        print(f"es_mpi: configuration error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    ckpt, ev, rtgs = prepare(args)
     policy = ev.cfg.policy
     print(f"es_mpi.evaluate: {ckpt.path} (iteration {ckpt.iteration}), {ev.cfg.env.id}, "
           f"policy {policy.kind} with {ev.policy.num_params:,} parameters", flush=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .config import flatten
+from .config import ConfigError, flatten
 from .results import EVAL_TARGET_PREFIX, ResultsError, read_file
 
 # Keys that tell seeds of one experiment apart; runs equal in everything else form a group.
@@ -300,41 +300,18 @@ class _quiet:
 TOOLS_HINT = 'pip install -e ".[tools]" in the es_mpi repository (the tools extra)'
 
 
-def output_problem(args: argparse.Namespace) -> str | None:
-    """Why --csv or --plot cannot be written (or plotted), or None. Leaves nothing behind."""
+def check_outputs(args: argparse.Namespace) -> None:
+    """--csv and --plot writable (and plottable), or ConfigError; leaves nothing behind."""
+    from .outputs import check_writable
+
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            return f"--plot needs matplotlib: {TOOLS_HINT}"
+            raise ConfigError(f"--plot needs matplotlib: {TOOLS_HINT}") from None
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
-        why = None if path in (None, "-") else unwritable(Path(path))
-        if why:
-            return f"{flag}: cannot write {path}: {why}"
-    return None
-
-
-def unwritable(path: Path) -> str | None:
-    """Why a file cannot be written at `path`, or None: probed by creating and removing a
-    temporary file beside it (that also catches read-only and /proc-like file systems)."""
-    import tempfile
-
-    folder = path.parent
-    if path.is_dir():
-        return "it is a directory"
-    if not folder.exists():
-        return f"no such directory {folder}"
-    if not folder.is_dir():
-        return f"{folder} is not a directory"
-    if path.exists() and not os.access(path, os.W_OK):
-        return "the file is not writable"
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".es_mpi_probe_", dir=folder)
-    except OSError as exc:
-        return f"{folder}: {exc.strerror}"
-    os.close(fd)
-    os.unlink(probe)
-    return None
+        if path not in (None, "-"):
+            check_writable(flag, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,10 +322,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="FILE.png", help="eval return and seconds per iteration; "
                    "achieved against target return for runs with es.eval_targets")
     args = p.parse_args(argv)
-    problem = output_problem(args)
-    if problem:  # before any file is read
-        print(f"es_mpi.inspect: {problem}", file=sys.stderr)
-        return 2
+    from .launch import run_tool
+
+    return run_tool(inspect_command, args)
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    """Outputs checked first; the runs read (damaged files named and skipped: exit 1);
+    the table, the CSV and the plot."""
+    from .outputs import make_parent
+
+    check_outputs(args)
     errors: list[str] = []
     try:
         runs = load_runs(args.paths, errors)
@@ -365,11 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
     print(format_table([summarize(r) for r in runs]))
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
+        with open(make_parent(args.csv), "w", newline="") as fh:
             write_csv(runs, fh)
         print(f"wrote {args.csv}")
     if args.plot:
-        print(f"wrote {plot(runs, args.plot)}")
+        print(f"wrote {plot(runs, make_parent(args.plot))}")
     return code
 
 

@@ -17,6 +17,32 @@ EXIT_ABORTED = 128 + signal.SIGINT  # a second SIGINT: ended at once, no checkpo
 EXIT_DISK_FULL = 6  # a checkpoint or results.h5 did not fit (no space, or quota): named, no
 # partial file left; free space and run the same command to resume from the newest checkpoint
 
+def known_error(exc: BaseException) -> tuple[str, int] | None:
+    """A failure the user can act on, as (one line for stderr, exit code): a configuration
+    error (2) or a full disk / spent quota (6). None: anything else, a bug (a traceback)."""
+    from .config import ConfigError
+    from .h5safe import DiskFullError, is_no_space
+
+    if isinstance(exc, ConfigError):
+        return f"es_mpi: configuration error: {exc}", EXIT_CONFIG_ERROR
+    if isinstance(exc, DiskFullError) or is_no_space(exc):
+        return f"es_mpi: disk full: {exc}", EXIT_DISK_FULL
+    return None
+
+
+def run_tool(fn, *args, **kwargs) -> int:
+    """A command-line tool's work: what `known_error` knows is one line on stderr and its
+    exit code, the same in every tool (es_mpi.evaluate, collect, pretrain, convert, ...)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - re-raised below unless known
+        known = known_error(exc)
+        if known is None:
+            raise
+        print(known[0], file=sys.stderr, flush=True)
+        return known[1]
+
+
 INTERRUPT_NOTE = (b"es_mpi: interrupted (SIGINT): the run stops after this iteration with a "
                   b"checkpoint and exit code 3; run the same command to resume. Press Ctrl-C "
                   b"again to abort without a checkpoint.\n")

@@ -548,8 +548,10 @@ class TrainLoop:
 
 
 def partial_path(out: str | Path) -> Path:
-    """Where a pretraining writes its periodic checkpoints: OUT.partial.h5 next to --out."""
-    return Path(out).absolute().with_suffix(".partial.h5")
+    """Where a pretraining writes its periodic checkpoints: OUT.partial.h5 next to --out
+    (e.g. pretrained/dt.h5.partial.h5)."""
+    out = Path(out).absolute()
+    return out.with_name(out.name + ".partial.h5")
 
 
 def fingerprint(job: Job, args) -> str:
@@ -570,7 +572,9 @@ def write_partial(path: Path, job: Job, args, loop: TrainLoop, opt, sched, rng, 
     blob = io.BytesIO()
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "generator": gen.get_state()}, blob)
-    tmp = path.with_name(path.name + ".tmp")
+    from .outputs import make_parent
+
+    tmp = make_parent(path).with_name(path.name + ".tmp")
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("theta", data=job.policy.get_theta())
@@ -633,21 +637,15 @@ def restore_partial(state: dict, job: Job, opt, sched, rng, gen) -> TrainLoop:
 def prepare_output(args, job: Job) -> dict | None:
     """Before step 1: --out's folder made and writable (a probe file), room for the output
     and a partial checkpoint, and the partial checkpoint to continue from (or None)."""
-    import shutil
-    import tempfile
+    from .h5safe import free_bytes
+    from .outputs import check_writable
 
-    out = Path(args.out).absolute()
+    out = check_writable("--out", args.out)
     need = 40 * job.policy.num_params + 32 * int(np.prod(job.stats.sum.shape)) + (1 << 20)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.probe") as fh:
-            fh.write(b"0" * 4096)
-            fh.flush()
-        free = shutil.disk_usage(out.parent).free
-    except OSError as exc:
-        raise ConfigError(f"--out: cannot write {out} ({exc})") from None
-    if free < need:
-        raise ConfigError(f"--out: {out.parent} has {free / 1e6:.1f} MB free; the output and "
+    folder = next(p for p in out.parents if p.exists())
+    free = free_bytes(folder)
+    if free is not None and free < need:
+        raise ConfigError(f"--out: {folder} has {free / 1e6:.1f} MB free; the output and "
                           f"its partial checkpoints need about {need / 1e6:.1f} MB")
     return read_partial(partial_path(out), job, args)
 
@@ -813,13 +811,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        job = setup(args)
-        partial = prepare_output(args, job)
-    except ConfigError as exc:
-        print(f"es_mpi: configuration error: {exc}", file=sys.stderr)
-        return 2
+    from .launch import run_tool
+
+    return run_tool(pretrain_command, parse_args(argv))
+
+
+def pretrain_command(args) -> int:
+    """Check everything and the output, train (continuing an interrupted run), write --out."""
+    job = setup(args)
+    partial = prepare_output(args, job)
     d = job.demos
     print(f"es_mpi.pretrain: {job.cfg.env.id}, policy {job.cfg.policy.kind} with "
           f"{job.policy.num_params:,} parameters; {d.source}: {d.episodes} episodes, "
@@ -830,16 +830,13 @@ def main(argv: list[str] | None = None) -> int:
         curve = train(job, args, partial)
         path = write_pretrained(Path(args.out), job, curve, args)
     except (OSError, RuntimeError) as exc:
-        from .h5safe import is_no_space
-        from .launch import EXIT_DISK_FULL
+        from .h5safe import DiskFullError, is_no_space
 
-        if not is_no_space(exc):
+        if not (isinstance(exc, DiskFullError) or is_no_space(exc)):
             raise
         kept = partial_path(args.out)
         then = f"it continues from {kept}" if kept.exists() else "it starts afresh"
-        print(f"es_mpi: disk full: {exc}; free space and run the same command: {then}",
-              file=sys.stderr, flush=True)
-        return EXIT_DISK_FULL
+        raise DiskFullError(f"{exc}; free space and run the same command: {then}") from exc
     partial_path(args.out).unlink(missing_ok=True)
     print(f"es_mpi.pretrain: {summary(curve, args)}; wrote {path}", flush=True)
     return 0

@@ -257,7 +257,7 @@ def test_cli_exit_2_with_the_message(tmp_path):
                            "--out", str(tmp_path / "out.h5")], cwd=tmp_path, env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("es_mpi.convert: configuration error: ")
+    assert proc.stderr.startswith("es_mpi: configuration error: ")
     assert "transformer.ln_f.weight: shape (128,), model.transformer.ln_f.weight needs (64,)" \
         in proc.stderr
     assert not (tmp_path / "out.h5").exists()

@@ -214,16 +214,17 @@ def test_inspect_checks_its_outputs_before_any_work(files, small_fs, capsys, tmp
     read_only = small_fs("64k", "ro")
     missing = str(tmp_path / "no-such-run")  # an output error comes before this one
     cases = [(["--plot", str(read_only / "x.png")], "Read-only file system"),
-             (["--csv", "/nodir/x.csv"], "no such directory /nodir"),
-             (["--csv", str(files.text / "x.csv")], "is not a directory"),
-             (["--plot", str(tmp_path)], "it is a directory")]
+             (["--plot", str(read_only / "new" / "x.png")], "Read-only file system"),
+             (["--csv", str(files.text / "x.csv")], "is not a folder"),
+             (["--plot", str(tmp_path)], "it is a folder")]
     for flags, why in cases:
         assert inspect.main([missing, *flags]) == 2, flags
         err = capsys.readouterr().err
-        assert err.startswith(f"es_mpi.inspect: {flags[0]}: cannot write {flags[1]}: ")
+        assert err.startswith(f"es_mpi: configuration error: {flags[0]}: cannot write "
+                              f"{flags[1]}: ")
         assert why in err and "Traceback" not in err
-    assert not list(tmp_path.glob(".es_mpi_probe_*"))
-    out = tmp_path / "rows.csv"
+    assert not list(tmp_path.glob(".es_mpi_probe_*")) and not (read_only / "new").exists()
+    out = tmp_path / "new" / "rows.csv"  # a missing folder is made when the file is written
     assert inspect.main([str(files.run), "--csv", str(out)]) == 0 and out.is_file()
 
 
@@ -320,3 +321,16 @@ def test_an_append_that_fails_inside_hdf5_is_named_and_closed_safely(small_fs, m
     (fs / "filler").unlink()
     rows = read_results(fs / "results.h5")["iteration"]
     assert len(rows) >= 1 and np.array_equal(rows, np.arange(len(rows))), info.value
+
+
+def test_every_tool_names_a_full_disk_with_exit_6(small_fs, tmp_path):
+    """A tool (es_mpi.convert) writing onto a full file system: one line naming it, exit
+    code 6 as es_mpi.run, no traceback, no partial file left."""
+    full = small_fs("256k")
+    model = ROOT / "tests" / "data" / "es_ff_humanoid_1.model"
+    proc = subprocess.run([sys.executable, "-m", "es_mpi.convert", str(model), "--out",
+                           str(full / "mlp.h5")], cwd=tmp_path, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == EXIT_DISK_FULL, proc.stderr
+    assert proc.stderr.startswith("es_mpi: disk full:") and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in full.iterdir()) == []

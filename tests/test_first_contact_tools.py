@@ -260,7 +260,7 @@ def test_a_killed_pretraining_continues_to_the_same_weights(dataset, tmp_path):
     args = (*PRETRAIN, "--data", str(dataset), "--checkpoint-every", "5", "--out", str(out))
     killed = python("-c", KILL_PRETRAIN, *args)
     assert killed.returncode == -9 and not out.exists(), killed.stderr[-3000:]
-    partial = out.with_suffix(".partial.h5")
+    partial = out.with_name(out.name + ".partial.h5")
     with h5py.File(partial) as f:
         assert f.attrs["done"] == 10
     other = python("-m", "es_mpi.pretrain", *args, "--seed", "1")
