@@ -247,6 +247,10 @@ def _read_checkpoint(path: str | Path, verify: bool) -> tuple[TrainState, str]:
         with h5py.File(path, "r") as f:
             if file_kind(f) == "results":
                 raise CheckpointError(_results_not_checkpoint(path))
+            if file_kind(f) == "pretrain_partial":
+                raise CheckpointError(f"{path} is an interrupted es_mpi.pretrain's partial "
+                                      "checkpoint, not a checkpoint: rerun that pretrain command "
+                                      "to finish it and pass its --out")
             if verify:
                 stored = f.attrs.get("checksum")
                 if stored is None:

@@ -572,7 +572,7 @@ def _check_combinations(cfg: JobConfig) -> None:
     if not _continuous(cfg) and pol.kind != "mlp":
         raise ConfigError(f"policy.action_bins={pol.action_bins}: binned actions are an MLP "
                           f"option (OpenAI's MujocoPolicy); got policy.kind {pol.kind!r}")
-    if cfg.env.obs_squares == "uint8_wrap" and not cfg.env.id.startswith("ALE/"):
+    if cfg.env.obs_squares == "uint8_wrap" and not _atari(cfg):
         raise ConfigError(f"env.obs_squares: uint8_wrap squares uint8 frames modulo 256 and needs "
                           f"an Atari env (ALE/...); {cfg.env.id!r} has other observations")
     if pol.vbn and cfg.env.normalize_obs:

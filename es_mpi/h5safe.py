@@ -101,10 +101,16 @@ def not_hdf5(path: str | Path) -> bool:
         return False
 
 
+PRETRAIN_PARTIAL = "es_mpi.pretrain partial"  # the `kind` attribute of OUT.partial.h5
+
+
 def file_kind(f: h5py.File) -> str:
-    """'checkpoint', 'results' or 'other': which kind of es_mpi file an open HDF5 file is."""
+    """'checkpoint', 'results', 'pretrain_partial' (an interrupted es_mpi.pretrain's
+    OUT.partial.h5) or 'other': which kind of es_mpi file an open HDF5 file is."""
     if "theta" in f and "optimizer" in f:
         return "checkpoint"
+    if f.attrs.get("kind") == PRETRAIN_PARTIAL:
+        return "pretrain_partial"
     if "iterations" in f and "theta" not in f:
         return "results"
     return "other"

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import es, rollout
 from .checkpoint import TrainState
-from .config import JobConfig
+from .config import ConfigError, JobConfig
 from .es import ObsStats
 from .noise import EVAL_EPISODE, TRAIN_EPISODE, Draws, TargetSpec, episode_seed, iteration_draws
 from .results import IterationRow
@@ -127,12 +127,20 @@ PROGRESS_EVERY = 30.0  # at most one line per this many seconds (10 on a termina
 
 
 def progress_seconds() -> tuple[float, float]:
-    """(after, every) of the progress lines: ES_MPI_PROGRESS, else the defaults."""
+    """(after, every) of the progress lines: ES_MPI_PROGRESS, else the defaults;
+    ConfigError if the variable is not one or two numbers of seconds."""
     text = os.environ.get(PROGRESS_VAR, "")
-    if text:
-        after, _, every = text.partition(",")
-        return float(after), float(every or PROGRESS_EVERY)
-    return PROGRESS_AFTER, 10.0 if sys.stdout.isatty() else PROGRESS_EVERY
+    if not text:
+        return PROGRESS_AFTER, 10.0 if sys.stdout.isatty() else PROGRESS_EVERY
+    after, _, every = text.partition(",")
+    try:
+        seconds = float(after), float(every or PROGRESS_EVERY)
+    except ValueError:
+        seconds = (-1.0, -1.0)
+    if not all(0 <= x < float("inf") for x in seconds):
+        raise ConfigError(f"{PROGRESS_VAR}={text!r}: expected AFTER[,EVERY] in seconds, e.g. "
+                          "'10,30'")
+    return seconds
 
 
 class Progress:

@@ -403,7 +403,7 @@ def heldout_loss(job: Job, batches: list, seed: int) -> float:
     if not batches:
         return float("nan")
     gen = torch.Generator().manual_seed(seed)  # the same dropout masks at every evaluation
-    with torch.no_grad():
+    with torch.no_grad(), dropout_rate(job.policy, job.settings.dropout):  # as in training
         return float(np.mean([batch_loss(job.policy, job.corpus, b, job.settings, job.dt, gen)
                               .item() for b in batches]))
 
@@ -535,7 +535,7 @@ def gradient_step(job: Job, batch, gen, opt, sched) -> float:
 # ----------------------------------------------------------------------------- interruptions
 CHECKPOINT_EVERY = 1000  # default steps between partial checkpoints
 # options that do not change the numbers: a rerun may change them and still continue
-NOT_FINGERPRINTED = ("out", "threads", "checkpoint_every")
+NOT_FINGERPRINTED = ("out", "data", "checkpoint_every")  # data: by its absolute path below
 
 
 @dataclass
@@ -555,10 +555,14 @@ def partial_path(out: str | Path) -> Path:
 
 
 def fingerprint(job: Job, args) -> str:
-    """The command as it determines the numbers: options, resolved job, dataset size."""
+    """The command as it determines the numbers: options (--threads too: torch's sums depend
+    on the thread count), resolved job, the dataset (a folder by its absolute path, else its
+    Minari id) and its size."""
     options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_FINGERPRINTED}
+    data = Path(job.demos.source)
+    data = str(data.absolute()) if data.exists() else job.demos.source
     return json.dumps({"options": options, "config": job.cfg.to_yaml(),
-                       "dataset": [job.demos.episodes, job.demos.steps]}, default=str)
+                       "dataset": [data, job.demos.episodes, job.demos.steps]}, default=str)
 
 
 def write_partial(path: Path, job: Job, args, loop: TrainLoop, opt, sched, rng, gen) -> None:
@@ -572,6 +576,7 @@ def write_partial(path: Path, job: Job, args, loop: TrainLoop, opt, sched, rng, 
     blob = io.BytesIO()
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "generator": gen.get_state()}, blob)
+    from .h5safe import PRETRAIN_PARTIAL
     from .outputs import make_parent
 
     tmp = make_parent(path).with_name(path.name + ".tmp")
@@ -579,7 +584,8 @@ def write_partial(path: Path, job: Job, args, loop: TrainLoop, opt, sched, rng, 
         with h5py.File(tmp, "w") as f:
             f.create_dataset("theta", data=job.policy.get_theta())
             f.create_dataset("torch_state", data=np.frombuffer(blob.getvalue(), np.uint8))
-            f.attrs.update({"done": loop.done, "fingerprint": fingerprint(job, args),
+            f.attrs.update({"kind": PRETRAIN_PARTIAL, "done": loop.done,
+                            "fingerprint": fingerprint(job, args),
                             "numpy_rng": json.dumps(rng.bit_generator.state),
                             "window": json.dumps(loop.window),
                             "curve": json.dumps(dataclasses.asdict(loop.curve))})

@@ -389,6 +389,9 @@ def committed_rows(columns: dict[str, np.ndarray]) -> int:
 def _load(path: str, attempts: int | None, with_attrs: bool) -> tuple[dict, dict]:
     """(columns, root attributes or {}) as stored; HDF5 errors propagate."""
     with open_read(path, swmr=True, attempts=attempts) as f:
+        if "iterations" not in f and file_kind(f) == "pretrain_partial":
+            raise ResultsError(f"{path} is an interrupted es_mpi.pretrain's partial checkpoint,"
+                               " not a results file")
         if "iterations" not in f and file_kind(f) == "checkpoint":
             raise ResultsError(f"{path} is an es_mpi checkpoint, not a results file: pass "
                                f"{_run_dir_of(path)} or its results.h5")

@@ -72,12 +72,15 @@ def preflight(cfg: JobConfig, is_root: bool):
     (rank 0, which alone writes it) and the environment (every rank; an unknown env.id or a bad
     env.kwargs raises ConfigError). Returns the environment, which the run then uses."""
     from . import envs
+    from .envs_atari import is_atari
+    from .iteration import progress_seconds
     from .resume import check_run_dir
 
     check_population(cfg.es.population, physical_memory())
+    progress_seconds()  # ES_MPI_PROGRESS readable, or ConfigError now rather than mid-run
     if is_root:
         check_run_dir(Path(cfg.run.dir))
-    elif cfg.env.id.startswith("ALE/"):
+    elif is_atari(cfg.env.id):
         quiet_ale()
     return envs.make_env(cfg.env)
 

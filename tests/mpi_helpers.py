@@ -28,6 +28,9 @@ def child_env(**extra: str) -> dict:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.setdefault(var, "1")
     env["PYTHONUNBUFFERED"] = "1"
+    # no progress lines inside iterations (a loaded machine could make one >10 s and add a
+    # line to output a test counts); the progress tests set ES_MPI_PROGRESS themselves
+    env.setdefault("ES_MPI_PROGRESS", "1e9,1e9")
     env.update(extra)
     return env
 

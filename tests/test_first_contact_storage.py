@@ -257,7 +257,7 @@ def test_progress_lines_wait_and_are_rate_limited(capsys, monkeypatch):
 
 
 def _theta_and_output(run_dir: Path, assignment: str, progress: str | None):
-    extra = {} if progress is None else {"ES_MPI_PROGRESS": progress}
+    extra = {"ES_MPI_PROGRESS": progress or ""}  # "": the built-in thresholds
     cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "es_mpi.run",
            str(ROOT / "jobs" / "quickstart.yaml"), f"run.dir={run_dir}", *SMALL,
            "run.iterations=2", f"run.assignment={assignment}"]
@@ -334,3 +334,32 @@ def test_every_tool_names_a_full_disk_with_exit_6(small_fs, tmp_path):
     assert proc.returncode == EXIT_DISK_FULL, proc.stderr
     assert proc.stderr.startswith("es_mpi: disk full:") and "Traceback" not in proc.stderr
     assert sorted(p.name for p in full.iterdir()) == []
+
+
+def test_a_pretrain_partial_checkpoint_is_named_as_such(tmp_path):
+    """OUT.partial.h5 of an interrupted es_mpi.pretrain given where a checkpoint or a results
+    file is wanted: named, with what to do."""
+    import h5py
+
+    from es_mpi.h5safe import PRETRAIN_PARTIAL
+
+    path = tmp_path / "dt.h5.partial.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("theta", data=np.zeros(3, np.float32))
+        f.attrs["kind"] = PRETRAIN_PARTIAL
+    with pytest.raises(CheckpointError, match="interrupted es_mpi.pretrain's partial"):
+        load_checkpoint(path)
+    with pytest.raises(ResultsError, match="interrupted es_mpi.pretrain's partial"):
+        read_file(path)
+
+
+def test_a_bad_progress_variable_is_a_configuration_error(monkeypatch):
+    from es_mpi.config import ConfigError
+    from es_mpi.iteration import progress_seconds
+
+    for bad in ("abc", "10,x", "-1", "inf"):
+        monkeypatch.setenv("ES_MPI_PROGRESS", bad)
+        with pytest.raises(ConfigError, match="ES_MPI_PROGRESS"):
+            progress_seconds()
+    monkeypatch.setenv("ES_MPI_PROGRESS", "5")
+    assert progress_seconds() == (5.0, 30.0)
