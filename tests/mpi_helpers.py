@@ -58,3 +58,19 @@ def run_job(n: int, run_dir: Path, *overrides: str, job: str = "jobs/quickstart.
 # A tiny quickstart: seconds per run at any rank count.
 TINY = ("es.population=6", "run.iterations=3", "es.noise_table_size=1000000",
         "es.eval_episodes=1", "env.obs_stat_prob=0.5")
+
+
+FINAL_COLUMNS = ("fitness_mean", "eval_return", "timesteps")
+
+
+def final_theta_and_rows(run_dir: Path, columns=FINAL_COLUMNS, iteration: int = 3):
+    """(theta of checkpoint `iteration`, {column: values} of results.h5) of a finished run;
+    columns=None: every column."""
+    import h5py
+
+    with h5py.File(Path(run_dir) / "checkpoints" / f"ckpt_{iteration:06d}.h5", "r") as f:
+        theta = f["theta"][()]
+    with h5py.File(Path(run_dir) / "results.h5", "r") as f:
+        names = f["iterations"] if columns is None else columns
+        rows = {k: f["iterations"][k][()] for k in names}
+    return theta, rows

@@ -6,14 +6,13 @@ import subprocess
 import sys
 
 import gymnasium as gym
-import h5py
 import numpy as np
 import pytest
 import torch
 
 from es_mpi.config import ConfigError, load_job, parse_action_bins
 from es_mpi.policies.mlp import BinnedActionHead, MLPPolicy, bin_values
-from mpi_helpers import REPO, TINY, child_env, run_job
+from mpi_helpers import REPO, TINY, child_env, final_theta_and_rows, run_job
 
 BOX = gym.spaces.Box(low=np.array([-1.0, 0.0], np.float32), high=np.array([1.0, 2.0], np.float32))
 
@@ -117,21 +116,15 @@ def binned_runs(tmp_path_factory):
     return root
 
 
-def _final(run_dir):
-    with h5py.File(run_dir / "checkpoints" / "ckpt_000003.h5", "r") as f:
-        theta = f["theta"][()]
-    with h5py.File(run_dir / "results.h5", "r") as f:
-        rows = {k: f["iterations"][k][()] for k in ("fitness_mean", "eval_return", "timesteps")}
-    return theta, rows
 
 
 @pytest.mark.mpi
 @pytest.mark.timeout(300)
 def test_binned_theta_is_rank_invariant(binned_runs):
-    theta1, rows1 = _final(binned_runs / "n1")
+    theta1, rows1 = final_theta_and_rows(binned_runs / "n1")
     assert theta1.size == 4 * 32 + 32 + 32 * 32 + 32 + 32 * 5 + 5  # 1 action x 5 bins
     for n in (2, 3):
-        theta, rows = _final(binned_runs / f"n{n}")
+        theta, rows = final_theta_and_rows(binned_runs / f"n{n}")
         assert np.array_equal(theta.view(np.uint32), theta1.view(np.uint32)), f"{n} ranks"
         for key, values in rows1.items():
             assert np.array_equal(rows[key], values), (n, key)

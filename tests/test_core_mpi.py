@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from es_mpi.results import COLUMNS, TIMING_COLUMNS
-from mpi_helpers import REPO, TINY, child_env, mpirun, run_job
+from mpi_helpers import REPO, TINY, child_env, final_theta_and_rows, mpirun, run_job
 
 pytestmark = pytest.mark.mpi
 
@@ -20,12 +20,6 @@ def test_comm_primitives(n, node_size):
     assert proc.stdout.count("comm checks passed") == n
 
 
-def _final(run_dir):
-    with h5py.File(run_dir / "checkpoints" / "ckpt_000003.h5") as f:
-        theta = f["theta"][()]
-    with h5py.File(run_dir / "results.h5") as f:
-        rows = {k: f["iterations"][k][()] for k in f["iterations"]}
-    return theta, rows
 
 
 # (ranks, run.update, run.assignment, pseudo-node size): dynamic (the default) and static work
@@ -50,7 +44,7 @@ def test_theta_and_rows_are_bitwise_equal_at_1_2_and_3_ranks(tmp_path):
                        f"run.update={update}", f"run.assignment={assignment}", timeout=120,
                        env=child_env(ES_MPI_NODE_SIZE=node_size))
         assert proc.stdout.count("iter ") == 3
-        finals[name] = _final(tmp_path / name)
+        finals[name] = final_theta_and_rows(tmp_path / name, columns=None)
     theta1, rows1 = finals.pop("n1")
     assert theta1.dtype == np.float32 and theta1.size == 1249
     for name in finals:

@@ -1,11 +1,10 @@
 """Every stochastic option of the paper jobs keeps theta bitwise equal at 1, 2 and 3 ranks:
 action noise (OpenAI), dropout and sampled actions (Lorenc's DTs), each episode's own reset
 seed (OpenAI) and the population-wide one (Lorenc)."""
-import h5py
 import numpy as np
 import pytest
 
-from mpi_helpers import TINY, run_job
+from mpi_helpers import TINY, final_theta_and_rows, run_job
 
 pytestmark = pytest.mark.mpi
 
@@ -24,12 +23,6 @@ CASES = {
 }
 
 
-def _theta_and_returns(run_dir):
-    with h5py.File(run_dir / "checkpoints" / "ckpt_000003.h5", "r") as f:
-        theta = f["theta"][()]
-    with h5py.File(run_dir / "results.h5", "r") as f:
-        rows = {k: f["iterations"][k][()] for k in ("fitness_mean", "eval_return", "timesteps")}
-    return theta, rows
 
 
 @pytest.mark.timeout(300)
@@ -38,7 +31,7 @@ def test_stochastic_options_keep_theta_rank_invariant(tmp_path, case):
     finals = {}
     for n in (1, 2, 3):
         run_job(n, tmp_path / f"n{n}", *TINY, *CASES[case], timeout=120)
-        finals[n] = _theta_and_returns(tmp_path / f"n{n}")
+        finals[n] = final_theta_and_rows(tmp_path / f"n{n}")
     theta1, rows1 = finals[1]
     for n in (2, 3):
         theta, rows = finals[n]

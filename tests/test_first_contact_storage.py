@@ -4,7 +4,6 @@ a long iteration."""
 from __future__ import annotations
 
 import errno
-import shutil
 import subprocess
 import sys
 import types

@@ -12,14 +12,13 @@ import json
 import typing
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import yaml
 
 from es_mpi.config import (KEY_CONDITIONS, KEY_SCOPE, NUMBER_FREE_KEYS, ConfigError, all_keys,
                            flatten, load_job, number_keys)
-from mpi_helpers import REPO, TINY, run_job
+from mpi_helpers import REPO, TINY, final_theta_and_rows, run_job
 
 # the paper jobs, and the full-scale extensions that state which keys they take from them
 EXPLICIT = ("humanoid_mlp", "humanoid_dt", "humanoid_dt_half_population",
@@ -162,12 +161,6 @@ def _perturbations(job: Path, base: list[str]) -> list[str]:
     return kept
 
 
-def _theta_and_rows(run_dir: Path):
-    with h5py.File(run_dir / "checkpoints" / "ckpt_000003.h5", "r") as f:
-        theta = f["theta"][()]
-    with h5py.File(run_dir / "results.h5", "r") as f:
-        rows = {k: f["iterations"][k][()] for k in ("fitness_mean", "eval_return", "timesteps")}
-    return theta, rows
 
 
 @pytest.mark.mpi
@@ -180,8 +173,8 @@ def test_keys_out_of_scope_change_no_number(tmp_path, job):
     assert len(changed) >= 20, changed  # Atari, DT or MLP, optimiser, target and VBN keys
     run_job(1, tmp_path / "base", *base, job=str(path))
     run_job(1, tmp_path / "changed", *base, *changed, job=str(path))
-    theta, rows = _theta_and_rows(tmp_path / "base")
-    theta2, rows2 = _theta_and_rows(tmp_path / "changed")
+    theta, rows = final_theta_and_rows(tmp_path / "base")
+    theta2, rows2 = final_theta_and_rows(tmp_path / "changed")
     assert np.array_equal(theta.view(np.uint32), theta2.view(np.uint32)), changed
     for key, values in rows.items():
         assert np.array_equal(rows2[key], values), key
