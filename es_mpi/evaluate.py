@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .config import ConfigError  # noqa: E402
-from .outputs import check_writable  # noqa: E402
+from .outputs import check_writable, make_parent  # noqa: E402
 
 
 GL_BACKENDS = ("egl", "osmesa")  # tried in this order when MUJOCO_GL is unset
@@ -216,10 +216,9 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: int) -> None:
 
     imageio = require("imageio.v2", "tools", "--video")
 
-    from .outputs import make_parent
-
     try:
-        with imageio.get_writer(str(make_parent(path)), fps=fps, codec="libx264", macro_block_size=1) as w:
+        with imageio.get_writer(str(make_parent(path)), fps=fps, codec="libx264",
+                                macro_block_size=1) as w:
             for frame in frames:
                 w.append_data(np.asarray(frame, dtype=np.uint8))
     except BaseException:
