@@ -6,11 +6,6 @@ import importlib
 
 from .config import ConfigError
 
-# extra -> what it is for (setup.cfg's [options.extras_require])
-EXTRAS = {"tools": "plots, videos and csv", "pretrain": "Minari datasets",
-          "sb3": "Stable-Baselines3 teachers"}
-
-
 def install_hint(extra: str) -> str:
     return (f"install the '{extra}' extra: pip install -e \".[{extra}]\" in the es_mpi "
             f"checkout (or pip install 'es_mpi[{extra}]')")

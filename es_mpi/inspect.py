@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .config import ConfigError, flatten
+from .config import flatten
 from .results import EVAL_TARGET_PREFIX, ResultsError, read_file
 
 # Keys that tell seeds of one experiment apart; runs equal in everything else form a group.
@@ -297,18 +297,14 @@ class _quiet:
         return self._ctx.__exit__(*exc)
 
 
-TOOLS_HINT = 'pip install -e ".[tools]" in the es_mpi repository (the tools extra)'
-
 
 def check_outputs(args: argparse.Namespace) -> None:
     """--csv and --plot writable (and plottable), or ConfigError; leaves nothing behind."""
+    from .extras import require
     from .outputs import check_writable
 
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"--plot needs matplotlib: {TOOLS_HINT}") from None
+        require("matplotlib", "tools", "--plot")
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path not in (None, "-"):
             check_writable(flag, path)
