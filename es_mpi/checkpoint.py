@@ -133,18 +133,32 @@ def save_checkpoint(path: str | Path, state: TrainState, config_text: str,
     if state.results is None:
         raise ValueError("save_checkpoint: state.results (the results rows) is required")
     rows = check_rows(state.results, state.iteration)
+    return write_atomically(
+        path, lambda f: _fill(f, state, rows, config_text, rng, extra_group), "checkpoint",
+        checkpoint_bytes(state, rows), f" (theta and optimiser state of {state.theta.size:,} "
+        "parameters)", libver=("v110", "v110"))
+
+
+def write_atomically(path: str | Path, fill: Callable[[h5py.File], None], what: str,
+                     need: int, detail: str = "", **h5_options) -> Path:
+    """An HDF5 file written by `fill` into PATH.tmp, flushed, fsynced and renamed to `path`
+    (then the directory fsynced): never a half-written file. On any failure the .tmp is
+    removed; a full disk or spent quota raises DiskFullError naming `what`, `path` and the
+    `need` bytes (`detail`: what they are)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write(tmp, state, rows, config_text, rng, extra_group)
+        with h5py.File(tmp, "w", **h5_options) as f:
+            fill(f)
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)  # never leave a partial file on a full disk
         if is_no_space(exc):
-            raise disk_full("checkpoint", path, exc, checkpoint_bytes(state, rows),
-                            f" (theta and optimiser state of {state.theta.size:,} "
-                            "parameters)") from None
+            raise disk_full(what, path, exc, need, detail) from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -158,39 +172,35 @@ def checkpoint_bytes(state: TrainState, rows: dict[str, np.ndarray] | None = Non
     return sum(np.asarray(a).nbytes for a in arrays) + 65536
 
 
-def _write(tmp: Path, state: TrainState, rows: dict[str, np.ndarray], config_text: str,
-           rng: dict | None, extra_group: tuple[str, dict, dict] | None) -> None:
-    """The checkpoint's content into `tmp`, flushed and fsynced."""
-    with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
-        f.create_dataset("theta", data=state.theta.astype(np.float32))
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["iteration"] = np.int64(state.iteration)
-        f.attrs["timesteps"] = np.int64(state.timesteps)
-        f.attrs["episodes"] = np.int64(state.episodes)
-        f.attrs["wall_seconds"] = np.float64(state.wall_seconds)
-        f.attrs["config"] = config_text
-        opt = f.create_group("optimizer")
-        opt.attrs["step"] = np.int64(state.opt.step)
-        opt.create_dataset("m", data=np.asarray(state.opt.m, dtype=np.float64))
-        opt.create_dataset("v", data=np.asarray(state.opt.v, dtype=np.float64))
-        obs = f.create_group("obs_stats")
-        obs.create_dataset("sum", data=np.asarray(state.obs_stats.sum, dtype=np.float64))
-        obs.create_dataset("sumsq", data=np.asarray(state.obs_stats.sumsq, dtype=np.float64))
-        obs.attrs["count"] = np.float64(state.obs_stats.count)
-        f.create_dataset("prev_lengths", data=state.prev_lengths.astype(np.int64))
-        _write_members(f, "extras", state.extras)
-        _write_members(f, "results", rows)
-        _write_members(f, "rng", rng or {}, as_attrs=True)
-        _write_members(f, "versions", library_versions(), as_attrs=True)
-        if extra_group is not None:
-            name, datasets, attrs = extra_group
-            _write_members(f, name, datasets)
-            f[name].attrs.update(attrs)
-        f.attrs["checksum_algorithm"] = CHECKSUM_ALGORITHM
-        f.attrs["checksum"] = content_digest(f)
-        f.flush()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+def _fill(f: h5py.File, state: TrainState, rows: dict[str, np.ndarray], config_text: str,
+          rng: dict | None, extra_group: tuple[str, dict, dict] | None) -> None:
+    """The checkpoint's content, checksum last, into the open file `f`."""
+    f.create_dataset("theta", data=state.theta.astype(np.float32))
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["iteration"] = np.int64(state.iteration)
+    f.attrs["timesteps"] = np.int64(state.timesteps)
+    f.attrs["episodes"] = np.int64(state.episodes)
+    f.attrs["wall_seconds"] = np.float64(state.wall_seconds)
+    f.attrs["config"] = config_text
+    opt = f.create_group("optimizer")
+    opt.attrs["step"] = np.int64(state.opt.step)
+    opt.create_dataset("m", data=np.asarray(state.opt.m, dtype=np.float64))
+    opt.create_dataset("v", data=np.asarray(state.opt.v, dtype=np.float64))
+    obs = f.create_group("obs_stats")
+    obs.create_dataset("sum", data=np.asarray(state.obs_stats.sum, dtype=np.float64))
+    obs.create_dataset("sumsq", data=np.asarray(state.obs_stats.sumsq, dtype=np.float64))
+    obs.attrs["count"] = np.float64(state.obs_stats.count)
+    f.create_dataset("prev_lengths", data=state.prev_lengths.astype(np.int64))
+    _write_members(f, "extras", state.extras)
+    _write_members(f, "results", rows)
+    _write_members(f, "rng", rng or {}, as_attrs=True)
+    _write_members(f, "versions", library_versions(), as_attrs=True)
+    if extra_group is not None:
+        name, datasets, attrs = extra_group
+        _write_members(f, name, datasets)
+        f[name].attrs.update(attrs)
+    f.attrs["checksum_algorithm"] = CHECKSUM_ALGORITHM
+    f.attrs["checksum"] = content_digest(f)
 
 
 def _write_members(f: h5py.File, group: str, items: dict, as_attrs: bool = False) -> None:

@@ -566,35 +566,30 @@ def fingerprint(job: Job, args) -> str:
 
 
 def write_partial(path: Path, job: Job, args, loop: TrainLoop, opt, sched, rng, gen) -> None:
-    """Everything to continue bitwise, to a temporary file that is fsynced and renamed."""
+    """Everything to continue bitwise, written atomically (checkpoint.write_atomically)."""
     import io
-    import os
 
-    import h5py
     import torch
+
+    from .checkpoint import write_atomically
+    from .h5safe import PRETRAIN_PARTIAL
 
     blob = io.BytesIO()
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "generator": gen.get_state()}, blob)
-    from .h5safe import PRETRAIN_PARTIAL
-    from .outputs import make_parent
+    theta = job.policy.get_theta()
 
-    tmp = make_parent(path).with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("theta", data=job.policy.get_theta())
-            f.create_dataset("torch_state", data=np.frombuffer(blob.getvalue(), np.uint8))
-            f.attrs.update({"kind": PRETRAIN_PARTIAL, "done": loop.done,
-                            "fingerprint": fingerprint(job, args),
-                            "numpy_rng": json.dumps(rng.bit_generator.state),
-                            "window": json.dumps(loop.window),
-                            "curve": json.dumps(dataclasses.asdict(loop.curve))})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a partial file on a full disk
-        raise
+    def fill(f) -> None:
+        f.create_dataset("theta", data=theta)
+        f.create_dataset("torch_state", data=np.frombuffer(blob.getvalue(), np.uint8))
+        f.attrs.update({"kind": PRETRAIN_PARTIAL, "done": loop.done,
+                        "fingerprint": fingerprint(job, args),
+                        "numpy_rng": json.dumps(rng.bit_generator.state),
+                        "window": json.dumps(loop.window),
+                        "curve": json.dumps(dataclasses.asdict(loop.curve))})
+
+    write_atomically(path, fill, "pretraining's partial checkpoint",
+                     theta.nbytes + blob.getbuffer().nbytes + 65536)
 
 
 def read_partial(path: Path, job: Job, args) -> dict | None:
