@@ -32,7 +32,7 @@ from typing import Callable, Literal  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from .config import ConfigError, JobConfig  # noqa: E402
+from .config import ConfigError, JobConfig, parse_action_bins  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -708,7 +708,7 @@ def setup(args) -> Job:
     if cfg.policy.vbn:
         raise ConfigError("policy.vbn: pretraining a policy with virtual batch norm is not "
                           "supported (its statistics come from ES's reference batch)")
-    if cfg.policy.action_bins.partition(":")[0] != "continuous":
+    if parse_action_bins(cfg.policy.action_bins)[0] != "continuous":
         raise ConfigError(f"policy.action_bins={cfg.policy.action_bins}: pretraining a binned "
                           "policy is not supported (an argmax over bins has no gradient)")
     demos = load_demos(args.data, args.allow_incomplete)
