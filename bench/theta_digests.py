@@ -7,6 +7,9 @@ digest is blake2b-8 of the last checkpoint's θ. Record before a change, compare
 
     python bench/theta_digests.py --out /tmp/before.txt
     python bench/theta_digests.py --compare /tmp/before.txt     # exit 1 if any digest moved
+
+Extra `section.key=value` arguments go to every job (e.g. `run.assignment=static
+run.update=every_rank`); ES_MPI_NODE_SIZE=1 in the environment gives pseudo-nodes of one rank.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ TINY = ["es.population=4", "run.iterations=2", "es.noise_table_size=5000000",
         "es.eval_episodes=1", "run.init_from=null"]
 
 
-def digest(job: Path, workdir: Path) -> str:
+def digest(job: Path, workdir: Path, overrides: list[str] = ()) -> str:
     """blake2b-8 of θ after two shrunk iterations of `job` at 2 ranks."""
     import h5py
 
@@ -33,7 +36,7 @@ def digest(job: Path, workdir: Path) -> str:
     run_dir = workdir / job.stem
     mpiexec = Path(sys.executable).parent / "mpiexec"
     cmd = [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", "2", sys.executable, "-m",
-           "es_mpi.run", str(job), *TINY, *extra, f"run.dir={run_dir}"]
+           "es_mpi.run", str(job), *TINY, *extra, *overrides, f"run.dir={run_dir}"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
@@ -46,11 +49,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write 'job digest' lines here")
     p.add_argument("--compare", help="a file written by --out: exit 1 if a digest differs")
+    p.add_argument("overrides", nargs="*", help="section.key=value for every job")
     args = p.parse_args()
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for job in sorted((REPO / "jobs").glob("*.yaml")):
-            lines.append(f"{job.stem} {digest(job, Path(tmp))}")
+            lines.append(f"{job.stem} {digest(job, Path(tmp), args.overrides)}")
             print(lines[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
